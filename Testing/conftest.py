@@ -1,0 +1,49 @@
+"""Shared fixtures: the real data beside the project (skipped when absent) and small synthetic images."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def shared_data(relative: str) -> Path:
+    """Path under ../shared/data, or skip the test (with the reason) when it is not there."""
+    path = DATA / relative
+    if not path.exists():
+        pytest.skip(f"real test data {path} is absent (it sits beside the project as ../shared/data)")
+    return path
+
+
+@pytest.fixture
+def clisc_home(tmp_path, monkeypatch):
+    """An empty weights cache for the test."""
+    home = tmp_path / "clisc_home"
+    monkeypatch.setenv("CLISC_HOME", str(home))
+    return home
+
+
+def write_dicom_series(folder: Path, array: np.ndarray, series_uid: str, spacing=(0.8, 0.8, 2.5),
+                       origin=(-100.0, -120.0, 30.0)) -> None:
+    """Write ``array`` (K, J, I) int16 as a DICOM CT series, one file per slice (SimpleITK/GDCM)."""
+    import SimpleITK as sitk
+
+    folder.mkdir(parents=True, exist_ok=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k, plane in enumerate(array):
+        image = sitk.GetImageFromArray(plane.astype(np.int16)[np.newaxis])
+        image.SetSpacing(spacing)
+        position = (origin[0], origin[1], origin[2] + k * spacing[2])
+        image.SetOrigin(position)
+        for tag, value in {
+            "0008|0060": "CT", "0020|000e": series_uid, "0020|000d": "1.2.826.0.1.3680043.2.1125.1",
+            "0008|0018": f"{series_uid}.{k + 1}", "0020|0013": str(k + 1),
+            "0020|0032": "\\".join(f"{x:.3f}" for x in position), "0020|0037": "1\\0\\0\\0\\1\\0",
+            "0018|0050": str(spacing[2]), "0028|0030": f"{spacing[1]}\\{spacing[0]}",
+        }.items():
+            image.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{series_uid}_{k:03d}.dcm"))
+        writer.Execute(image)

@@ -1,0 +1,227 @@
+"""Volumes in and masks out: formats, geometry (a mask lands on the physical points it came from), bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from clisc.errors import InputError
+from clisc.readers import read_volume
+from clisc.volume import LPS_TO_RAS, Volume
+from clisc.writers import write_masks, write_volume
+from conftest import shared_data, write_dicom_series
+
+
+def rotation(x_degrees: float, z_degrees: float) -> np.ndarray:
+    a, b = np.radians(x_degrees), np.radians(z_degrees)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+    return rz @ rx
+
+
+GEOMETRIES = {  # direction (LPS, as ITK stores it), spacing (i, j, k) in mm
+    "lps": (np.eye(3), (1.0, 1.0, 1.0)),
+    "ras": (np.diag([-1.0, -1.0, 1.0]), (1.0, 1.0, 1.0)),
+    "flipped": (np.diag([1.0, -1.0, -1.0]), (1.0, 1.0, 1.0)),
+    "oblique": (rotation(30, 20), (1.0, 1.0, 1.0)),
+    "anisotropic-oblique": (rotation(-25, 40) @ np.diag([1.0, 1.0, -1.0]), (0.7, 1.3, 3.0)),
+}
+
+
+def planted_image(direction: np.ndarray, spacing) -> sitk.Image:
+    """A 24×20×12 (I, J, K) image: noise below 100, an asymmetric L-shaped block of value 500."""
+    rng = np.random.default_rng(0)
+    array = rng.uniform(0, 100, size=(12, 20, 24)).astype(np.float32)
+    array[3:7, 4:9, 5:15] = 500
+    array[3:5, 9:15, 5:8] = 500
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction.ravel().tolist())
+    image.SetOrigin((12.5, -40.25, 7.0))
+    return image
+
+
+def mask_points_lps(path) -> np.ndarray:
+    """Physical (LPS) points of the non-zero voxels of a labelmap or .seg.nrrd file, as the file says."""
+    if str(path).endswith(".seg.nrrd"):
+        segmentation = slicerio.read_segmentation(str(path))
+        ijk = np.argwhere(segmentation["voxels"] > 0)
+        return (segmentation["ijkToLPS"] @ np.c_[ijk, np.ones(len(ijk))].T).T[:, :3]
+    image = sitk.ReadImage(str(path))
+    kji = np.argwhere(sitk.GetArrayViewFromImage(image) > 0)
+    return np.array([image.TransformIndexToPhysicalPoint([int(i) for i in idx[::-1]]) for idx in kji])
+
+
+def values_at(image: sitk.Image, points_lps: np.ndarray) -> np.ndarray:
+    array = sitk.GetArrayViewFromImage(image)
+    indices = [image.TransformPhysicalPointToIndex(tuple(p)) for p in points_lps]
+    return np.array([array[k, j, i] for i, j, k in indices])
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+@pytest.mark.parametrize("input_suffix", [".nii.gz", ".nrrd", ".mha"])
+@pytest.mark.parametrize("output_suffix", [".seg.nrrd", ".nii.gz", ".nrrd"])
+def test_mask_lands_on_the_physical_points_it_was_computed_from(tmp_path, geometry, input_suffix, output_suffix):
+    direction, spacing = GEOMETRIES[geometry]
+    image = planted_image(direction, spacing)
+    source = tmp_path / f"image{input_suffix}"
+    sitk.WriteImage(image, str(source))
+
+    volume = read_volume(source)
+    mask = volume.array > 250
+    output = tmp_path / f"mask{output_suffix}"
+    write_masks(output, [mask], ["block"], volume)
+
+    points = mask_points_lps(output)
+    assert len(points) == mask.sum() == 10 * 5 * 4 + 6 * 3 * 2
+    assert np.all(values_at(sitk.ReadImage(str(source)), points) == 500)
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES)
+def test_ijk_to_ras_agrees_with_simpleitk_index_to_physical(geometry):
+    image = planted_image(*GEOMETRIES[geometry])
+    volume = Volume.from_sitk(image)
+    for ijk in [(0, 0, 0), (23, 0, 0), (3, 17, 11), (23, 19, 11)]:
+        lps = image.TransformIndexToPhysicalPoint(ijk)
+        ras = volume.ijk_to_ras @ [*ijk, 1]
+        np.testing.assert_allclose(ras[:3], (LPS_TO_RAS[:3, :3] @ lps), atol=1e-9)
+    assert volume.array.shape == (12, 20, 24)
+    np.testing.assert_allclose(volume.spacing, GEOMETRIES[geometry][1])
+
+
+def test_dicom_jpeg2000_series_geometry(tmp_path):
+    """The real JPEG-2000 CT series: a bone mask written as .seg.nrrd lands on voxels whose HU are > 300."""
+    series = shared_data("ct_dicom/series")
+    volume = read_volume(series)
+    assert volume.array.shape == (20, 512, 512)
+    np.testing.assert_allclose(volume.spacing, [0.9765625, 0.9765625, 2.0])
+    mask = volume.array > 300
+    output = tmp_path / "bone.seg.nrrd"
+    write_masks(output, [mask], ["bone"], volume)
+
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(series)))
+    dicom = reader.Execute()
+    points = mask_points_lps(output)
+    assert len(points) == mask.sum() > 1000
+    sample = points[np.random.default_rng(0).choice(len(points), 2000, replace=False)]
+    assert np.all(values_at(dicom, sample) > 300)
+
+
+def test_dicom_reference_labelmap_on_another_grid_maps_to_same_points():
+    """The CT series and its reference labelmap store different directions (y flipped); their voxels still
+    coincide in RAS, which is what the `Volume` geometry must preserve."""
+    volume = read_volume(shared_data("ct_dicom/series"))
+    reference = read_volume(shared_data("ct_dicom/reference_seg.nii.gz"))
+    assert not np.allclose(volume.ijk_to_ras, reference.ijk_to_ras)
+    to_reference = np.linalg.inv(reference.ijk_to_ras) @ volume.ijk_to_ras
+    ijk = np.array([[0, 0, 0, 1], [511, 0, 19, 1], [100, 300, 7, 1]]).T
+    mapped = (to_reference @ ijk)[:3]
+    assert np.allclose(mapped, np.round(mapped), atol=1e-3)
+    assert np.all((mapped >= 0) & (mapped <= [[511], [511], [19]]))
+
+
+def test_folder_with_several_series_reads_the_largest_and_says_how_to_choose(tmp_path, caplog):
+    folder = tmp_path / "study"
+    write_dicom_series(folder, np.zeros((3, 8, 8)), "1.2.3.4.1")
+    write_dicom_series(folder, np.ones((5, 8, 8)), "1.2.3.4.2")
+    volume = read_volume(folder)
+    assert volume.array.shape == (5, 8, 8)
+    assert "1.2.3.4.1" in caplog.text and "--series" in caplog.text
+    chosen = read_volume(folder, series_uid="1.2.3.4.1")
+    assert chosen.array.shape == (3, 8, 8)
+    np.testing.assert_allclose(chosen.spacing, [0.8, 0.8, 2.5])
+    with pytest.raises(InputError, match="1.2.3.4.9"):
+        read_volume(folder, series_uid="1.2.3.4.9")
+
+
+def test_png_and_jpg_become_one_slice_volumes(tmp_path):
+    from PIL import Image
+
+    rgb = np.zeros((30, 40, 3), dtype=np.uint8)
+    rgb[10:20, 5:15] = (200, 100, 50)
+    Image.fromarray(rgb).save(tmp_path / "image.png")
+    Image.fromarray(rgb).save(tmp_path / "image.jpg", quality=100)
+    for name in ("image.png", "image.jpg"):
+        volume = read_volume(tmp_path / name)
+        assert volume.array.shape == (1, 30, 40)
+        assert volume.acquisition_axis() == 0
+        expected = 0.299 * 200 + 0.587 * 100 + 0.114 * 50
+        assert abs(float(volume.array[0, 15, 10]) - expected) < 3
+        assert float(volume.array[0, 0, 0]) < 3
+
+
+def test_busi_png_with_its_mask_round_trips(tmp_path):
+    image = shared_data("busi/benign/benign (1).png")
+    mask_file = shared_data("busi/benign/benign (1)_mask.png")
+    volume = read_volume(image)
+    mask = read_volume(mask_file).array > 0
+    assert volume.array.shape == mask.shape and volume.array.shape[0] == 1
+    output = tmp_path / "lesion.nii.gz"
+    write_masks(output, [mask], ["lesion"], volume)
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(output)))
+    assert written.reshape(mask.shape).astype(bool).tolist() == mask.tolist()
+
+
+def test_seg_nrrd_has_names_colours_and_overlapping_segments(tmp_path):
+    volume = Volume(np.zeros((4, 5, 6), np.float32), np.diag([2.0, 2.0, 3.0, 1.0]))
+    first = np.zeros(volume.array.shape, bool)
+    first[1:3, 1:4, 2:5] = True
+    second = np.zeros_like(first)
+    second[2:4, 2:5, 3:6] = True
+    output = tmp_path / "two.seg.nrrd"
+    write_masks(output, [first, second], ["brain tumor", "edema"], volume)
+    segmentation = slicerio.read_segmentation(str(output))
+    names = [s["name"] for s in segmentation["segments"]]
+    colours = [tuple(s["color"]) for s in segmentation["segments"]]
+    assert names == ["brain tumor", "edema"]
+    assert len(set(colours)) == 2
+    for name, expected in zip(names, [first, second]):
+        extracted = slicerio.extract_segments(segmentation, [(name, 1)])
+        assert np.array_equal(extracted["voxels"].transpose(2, 1, 0) > 0, expected)
+
+
+def test_writers_leave_no_temporary_file_and_refuse_missing_folder(tmp_path):
+    volume = Volume(np.ones((2, 3, 4), np.float32), np.eye(4))
+    write_volume(tmp_path / "map.nrrd", volume)
+    assert [p.name for p in tmp_path.iterdir()] == ["map.nrrd"]
+    with pytest.raises(InputError, match="does not exist"):
+        write_volume(tmp_path / "missing" / "map.nrrd", volume)
+
+
+# Bad input: a clear InputError naming the file and the problem.
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        read_volume(tmp_path / "absent.nii.gz")
+
+
+@pytest.mark.parametrize("name, content", [("corrupt.nii.gz", b"\x1f\x8b\x08garbage"), ("notes.nrrd", b"hello"),
+                                           ("text.png", b"not a png")])
+def test_corrupt_or_non_image_file(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=name):
+        read_volume(path)
+
+
+def test_folder_without_dicom(tmp_path):
+    (tmp_path / "readme.txt").write_text("no images here")
+    with pytest.raises(InputError, match="no DICOM"):
+        read_volume(tmp_path)
+
+
+def test_4d_volume(tmp_path):
+    frames = [sitk.GetImageFromArray(np.zeros((3, 4, 5), np.float32)) for _ in range(2)]
+    path = tmp_path / "timeseries.nrrd"
+    sitk.WriteImage(sitk.JoinSeries(frames), str(path))
+    with pytest.raises(InputError, match="4D"):
+        read_volume(path)
+
+
+def test_empty_image(tmp_path):
+    path = tmp_path / "empty.nrrd"
+    path.write_text("NRRD0004\ntype: float\ndimension: 3\nsizes: 0 4 4\nencoding: raw\n\n")
+    with pytest.raises(InputError, match="empty.nrrd"):
+        read_volume(path)

@@ -1,0 +1,193 @@
+"""The ``clisc`` command line: ``clisc segment | train | apply | models``.
+
+Exit codes: 0 success, 1 internal error, 2 bad input (the message says what was wrong and what to do),
+130 cancelled (Ctrl-C; nothing is written).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Dict, List, Optional
+
+from . import __version__
+from .errors import Cancelled, InputError
+
+logger = logging.getLogger("clisc")
+
+
+def _models_list(args: argparse.Namespace) -> None:
+    from .models.cache import is_installed, model_dir
+    from .models.catalogue import CATALOGUE
+
+    print(f"{'name':<18} {'family':<10} {'architecture':<20} {'size':>9}  {'sha256':<9} {'installed':<9} licence")
+    for entry in CATALOGUE:
+        size = sum(f.size or 0 for f in entry.files)
+        size_text = f"{size / 1e6:.0f} MB" if size > 1e6 else "?"
+        published = sum(f.sha256 is not None for f in entry.files)
+        pinned = (model_dir(entry.name) / "pinned_sha256.json").is_file()
+        hashes = ("published" if published == len(entry.files) else "pinned" if pinned
+                  else "partial" if published else "unknown")
+        installed = "yes" if is_installed(entry) else "no"
+        print(f"{entry.name:<18} {entry.family:<10} {entry.architecture:<20} {size_text:>9}  {hashes:<9} "
+              f"{installed:<9} {entry.licence}")
+
+
+def _models_download(args: argparse.Namespace) -> None:
+    from .models.cache import download_model
+    from .progress import TqdmProgress
+
+    progress = TqdmProgress()
+    try:
+        path = download_model(args.name, progress=progress)
+    finally:
+        progress.close()
+    print(path)
+
+
+def _models_import(args: argparse.Namespace) -> None:
+    from .models.cache import import_model
+
+    print(import_model(args.name, args.file))
+
+
+def _models_path(args: argparse.Namespace) -> None:
+    from .models.cache import clisc_home, model_path
+
+    print(model_path(args.name) if args.name else clisc_home() / "models")
+
+
+def _segment(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from .models.loaders import describe_model
+    from .progress import TqdmProgress
+    from .readers import read_volume
+    from .writers import output_kind, write_masks, write_volume
+    from .zeroshot import ZeroShotSegmenter, check_prompts, preset_options
+
+    prompts = check_prompts(args.prompt)
+    outputs = [Path(p) for p in (args.output, args.saliency_out, args.report) if p]
+    output_kind(args.output)
+    for path in outputs:
+        if path.resolve() == Path(args.input).resolve():
+            raise InputError(f"{path}: the output would overwrite the input; choose another name")
+        if path.exists() and not args.overwrite:
+            raise InputError(f"{path} exists; choose another name or pass --overwrite")
+        if not path.parent.is_dir():
+            raise InputError(f"{path}: the folder {path.parent} does not exist")
+    options = preset_options(
+        args.preset, clip=args.clip, sam=args.sam, saliency=args.saliency, prompt_type=args.prompt_type,
+        axis=args.axis, device=args.device, slices=args.slices, seed=args.seed,
+        negative_prompts=tuple(check_prompts(args.negative_prompt)) if args.negative_prompt else None)
+    volume = read_volume(args.input, series_uid=args.series)
+    segmenter = ZeroShotSegmenter(options)
+    if segmenter.device.type == "cpu":
+        logger.warning("running on the CPU: expect minutes per volume (--preset fast is quicker; a CUDA GPU "
+                       "is much quicker)")
+    progress = TqdmProgress()
+    try:
+        result = segmenter.segment(volume, prompts, progress=progress)
+    finally:
+        progress.close()
+    write_masks(args.output, result.masks, result.names, volume)
+    if args.saliency_out:
+        for n, saliency in enumerate(result.saliency):
+            write_volume(_numbered(Path(args.saliency_out), n, len(result.saliency)), volume, saliency)
+    if args.report:
+        report = dict(result.report, models={"clip": describe_model(options.clip, "clip"),
+                                             "sam": describe_model(options.sam, "sam")})
+        Path(args.report).write_text(json.dumps(report, indent=1))
+    for name, mask in zip(result.names, result.masks):
+        print(f"{name}: {int(mask.sum())} voxels")
+    print(f"wrote {args.output}")
+
+
+def _numbered(path, index: int, count: int):
+    """``path`` for one of ``count`` files: the first keeps the name, the others get ``_2``, ``_3``..."""
+    if count == 1 or index == 0:
+        return path
+    name = path.name
+    suffix = next((s for s in (".nii.gz", ".seg.nrrd") if name.endswith(s)), path.suffix)
+    return path.with_name(f"{name[:-len(suffix)]}_{index + 1}{suffix}")
+
+
+def _not_implemented(command: str) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        print(f"clisc {command}: not implemented yet", file=sys.stderr)
+        raise SystemExit(1)
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clisc", description="Text-prompted, annotation-free segmentation of medical images.")
+    parser.add_argument("--version", action="version", version=f"clisc {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    segment = commands.add_parser("segment", help="segment a volume or image from text prompts (zero-shot)")
+    segment.add_argument("input", help="NIfTI/NRRD/MHA file, DICOM series folder, or PNG/JPG image")
+    segment.add_argument("--prompt", action="append", required=True, metavar="TEXT",
+                         help="what to segment, e.g. \"brain tumor\" (repeat for several segments)")
+    segment.add_argument("-o", "--output", required=True, metavar="OUT",
+                         help=".seg.nrrd (one named segment per prompt) or a labelmap .nii.gz/.nrrd")
+    segment.add_argument("--negative-prompt", action="append", metavar="TEXT",
+                         help="what the target is not (replaces the default negative ensemble; repeatable)")
+    segment.add_argument("--preset", choices=["accurate", "fast"], default="accurate",
+                         help="accurate: the papers' defaults; fast: cheaper saliency and bf16 (laptop CPU)")
+    segment.add_argument("--clip", metavar="NAME|DIR", help="CLIP: catalogue name or open_clip folder")
+    segment.add_argument("--sam", metavar="NAME|FILE", help="SAM: catalogue name or checkpoint file")
+    segment.add_argument("--saliency", choices=["m2ib", "gscorecam", "gradcam"])
+    segment.add_argument("--prompt-type", choices=["box", "points", "both"])
+    segment.add_argument("--axis", choices=["auto", "axial", "coronal", "sagittal", "i", "j", "k"],
+                         help="slice direction (default: the acquisition axis)")
+    segment.add_argument("--slices", metavar="auto|all|FIRST:LAST",
+                         help="auto: CLIP decides which slices show the target; all or a range: you decide")
+    segment.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    segment.add_argument("--saliency-out", metavar="FILE", help="also write the saliency map as a volume")
+    segment.add_argument("--report", metavar="FILE.json", help="write what was done, with timings and models")
+    segment.add_argument("--seed", type=int)
+    segment.add_argument("--series", metavar="UID", help="DICOM series to read from a folder holding several")
+    segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    segment.set_defaults(run=_segment)
+    train = commands.add_parser("train", help="pseudo-label a cohort and self-train a 3D U-Net (CLISC)")
+    train.set_defaults(run=_not_implemented("train"))
+    apply = commands.add_parser("apply", help="segment a volume with a trained CLISC run")
+    apply.set_defaults(run=_not_implemented("apply"))
+
+    models = commands.add_parser("models", help="list, download, import or locate model weights")
+    model_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    model_commands.add_parser("list", help="the catalogue and what is installed").set_defaults(run=_models_list)
+    download = model_commands.add_parser("download", help="download a model (resumes; checks sha256)")
+    download.add_argument("name")
+    download.set_defaults(run=_models_download)
+    imported = model_commands.add_parser("import", help="install a model from a local file or folder")
+    imported.add_argument("name")
+    imported.add_argument("file", help="the checkpoint file, or a folder holding the model's files")
+    imported.set_defaults(run=_models_import)
+    path = model_commands.add_parser("path", help="where models are cached, or where one model is")
+    path.add_argument("name", nargs="?")
+    path.set_defaults(run=_models_path)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s: %(message)s")
+    try:
+        args.run(args)
+    except InputError as error:
+        print(f"clisc: error: {error}", file=sys.stderr)
+        return 2
+    except (Cancelled, KeyboardInterrupt):
+        print("clisc: cancelled; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

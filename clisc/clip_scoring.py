@@ -1,0 +1,83 @@
+"""CLIP on slices: text embeddings from prompt ensembles, slice images in and maps out, slice relevance.
+
+Slices go to CLIP whole: padded to a square (bottom and right) and resized to the model's input size, never
+centre-cropped, so a saliency map can be put back on the exact pixels of a non-square slice.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .models.loaders import ClipModel
+
+POSITIVE_TEMPLATES = ("{}", "a medical image showing {}", "a scan with {}", "an image of {}")
+NEGATIVE_PROMPTS = ("a medical image of normal healthy tissue", "a medical image with no abnormality",
+                    "an empty black background")
+
+
+class ClipScorer:
+    """Scores and embeds slices with an open_clip model.
+
+    Args:
+        clip: the loaded model.
+        device: where it runs.
+        autocast_dtype: dtype for forward passes under autocast, or None for float32.
+    """
+
+    def __init__(self, clip: ClipModel, device: torch.device, autocast_dtype: Optional[torch.dtype] = None) -> None:
+        self.clip = clip
+        self.model = clip.model.to(device)
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.mean = torch.tensor(clip.mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(clip.std, device=device).view(1, 3, 1, 1)
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+    def text_embedding(self, texts: Sequence[str]) -> torch.Tensor:
+        """Mean of the L2-normalised embeddings of ``texts``, normalised again: (D,) float32."""
+        with torch.inference_mode(), self.autocast():
+            features = self.model.encode_text(self.clip.tokenizer(list(texts)).to(self.device)).float()
+        mean = F.normalize(features, dim=-1).mean(0)
+        return F.normalize(mean, dim=0).clone()
+
+    def prompt_embedding(self, prompt: str) -> torch.Tensor:
+        return self.text_embedding([template.format(prompt) for template in POSITIVE_TEMPLATES])
+
+    def images(self, slices: np.ndarray) -> torch.Tensor:
+        """CLIP input (B, 3, S, S), normalised, from uint8 slices (B, H, W): padded square, then resized."""
+        batch = torch.as_tensor(slices, device=self.device).float().div(255)[:, None]
+        height, width = batch.shape[-2:]
+        side = max(height, width)
+        batch = F.pad(batch, (0, side - width, 0, side - height))
+        size = self.clip.image_size
+        batch = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        return (batch.expand(-1, 3, -1, -1) - self.mean) / self.std
+
+    @staticmethod
+    def to_slice_grid(maps: torch.Tensor, shape: tuple) -> np.ndarray:
+        """Inverse of `images` for maps (B, S, S): back to the slices' (B, H, W) pixels."""
+        height, width = shape
+        side = max(height, width)
+        full = F.interpolate(maps[:, None].float(), size=(side, side), mode="bilinear", align_corners=False)
+        return full[:, 0, :height, :width].cpu().numpy()
+
+    def image_embeddings(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        """L2-normalised image embeddings (B, D) of CLIP inputs (B, 3, S, S)."""
+        outputs = []
+        with torch.inference_mode(), self.autocast():
+            for start in range(0, len(images), batch_size):
+                outputs.append(self.model.encode_image(images[start:start + batch_size]).float())
+        return F.normalize(torch.cat(outputs), dim=-1)
+
+    def relevance(self, image_embeddings: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> np.ndarray:
+        """Probability (B,) that each image matches ``positive`` rather than ``negative`` (two-way softmax
+        of the model's scaled cosine similarities)."""
+        scale = self.model.logit_scale.exp().float()
+        logits = scale * image_embeddings @ torch.stack([positive, negative]).T
+        return logits.softmax(dim=-1)[:, 0].cpu().numpy()

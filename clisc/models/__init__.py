@@ -1,0 +1,1 @@
+"""Model weights: the catalogue, the local cache, downloads, and loaders of the real architectures."""

@@ -1,0 +1,172 @@
+"""Catalogue of the pretrained weights CLISC uses: official URLs, sizes, licences and published sha256.
+
+A sha256 is given only where a public source publishes it (cited beside the entry); otherwise it is None and
+the file's hash is pinned in the cache on first download (see clisc.models.cache).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    url: str
+    filename: str                   # name inside the model's cache folder
+    size: Optional[int]             # bytes, None if not published
+    sha256: Optional[str]           # None: not published; pinned on first download
+    sha256_source: str              # URL that publishes the hash, or why there is none
+    sha256_prefix: Optional[str] = None  # a published prefix (torchvision file names), checked when sha256 is None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str                       # catalogue name used by --clip/--sam and `clisc models`
+    family: str                     # "sam", "clip" or "classifier"
+    architecture: str               # SAM: vit_b|vit_l|vit_h; CLIP: open_clip model name; classifier: resnet50
+    files: Tuple[RemoteFile, ...]   # the first file is the checkpoint (or open_clip_config.json for a CLIP folder)
+    licence: str
+    homepage: str
+    description: str
+
+
+# Meta publishes no checksum; the 6 hex digits in the SAM file names are an md5 prefix, not a sha256 one.
+_SAM_NO_SHA256 = "no sha256 published by Meta (the name's hex suffix is an md5 prefix); pinned on first download"
+_HF_SMALL_FILE = "small non-LFS file: the Hub shows no sha256; pinned on first download"
+
+# Pinned revision: its open_clip_pytorch_model.bin is the one whose LFS sha256 is cited below.
+_BIOMEDCLIP = ("https://huggingface.co/microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224/resolve/"
+               "9f341de24bfb00180f1b847274256e9b65a3a32e/")
+_BIOMEDBERT = "https://huggingface.co/microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract/resolve/main/"
+
+
+def _timm_openai_clip(repo: str) -> Tuple[RemoteFile, ...]:
+    """OpenAI's CLIP weights as open_clip 3.x fetches them for pretrained='openai' (the hf_hub entries of
+    open_clip/pretrained.py): open_clip's local-dir layout, a plain state dict loadable with weights_only.
+    OpenAI's own files (openaipublic.azureedge.net/clip/models/<sha256>/ViT-B-16.pt, sha256 in the path and
+    checked by openai/CLIP's clip.py) are TorchScript archives, which weights_only loading refuses."""
+    base = f"https://huggingface.co/timm/{repo}/resolve/main/"
+    return (
+        RemoteFile(base + "open_clip_config.json", "open_clip_config.json", None, None, _HF_SMALL_FILE),
+        RemoteFile(base + "open_clip_pytorch_model.bin", "open_clip_pytorch_model.bin", None, None,
+                   "no sha256 found published for this file; pinned on first download"),
+    )
+
+
+CATALOGUE: Tuple[ModelEntry, ...] = (
+    ModelEntry(
+        name="sam_vit_b",
+        family="sam",
+        architecture="vit_b",
+        files=(RemoteFile("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+                          "sam_vit_b_01ec64.pth", None, None, _SAM_NO_SHA256),),
+        licence="Apache-2.0",
+        homepage="https://github.com/facebookresearch/segment-anything#model-checkpoints",
+        description="Segment Anything, ViT-B image encoder (91M parameters).",
+    ),
+    ModelEntry(
+        name="sam_vit_l",
+        family="sam",
+        architecture="vit_l",
+        files=(RemoteFile("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+                          "sam_vit_l_0b3195.pth", None, None, _SAM_NO_SHA256),),
+        licence="Apache-2.0",
+        homepage="https://github.com/facebookresearch/segment-anything#model-checkpoints",
+        description="Segment Anything, ViT-L image encoder (308M parameters).",
+    ),
+    ModelEntry(
+        name="sam_vit_h",
+        family="sam",
+        architecture="vit_h",
+        files=(RemoteFile("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+                          "sam_vit_h_4b8939.pth", None, None, _SAM_NO_SHA256),),
+        licence="Apache-2.0",
+        homepage="https://github.com/facebookresearch/segment-anything#model-checkpoints",
+        description="Segment Anything, ViT-H image encoder (636M parameters).",
+    ),
+    ModelEntry(
+        name="medsam_vit_b",
+        family="sam",
+        architecture="vit_b",
+        files=(RemoteFile(
+            # medsam_vit_b.pth inside the Google Drive folder linked from the MedSAM README.
+            "https://drive.usercontent.google.com/download?id=1UAmWL88roYR7wKlnApw5Bcuzf2iQgk6_"
+            "&export=download&confirm=t",
+            "medsam_vit_b.pth", None, None,
+            "no sha256 published (the authors share the file on Google Drive only); pinned on first download"),),
+        licence="Apache-2.0",
+        homepage="https://github.com/bowang-lab/MedSAM",
+        description=(
+            "MedSAM: SAM ViT-B fine-tuned on 1.57M medical image-mask pairs (Ma et al., Nat. Commun. 2024). "
+            "Official copy: https://drive.google.com/drive/folders/1ETWmi4AiniJeWOt6HAsYgTjYv_fkgzoN ; "
+            "if Google Drive refuses the direct download, fetch it there and use `clisc models import`."
+        ),
+    ),
+    ModelEntry(
+        name="biomedclip",
+        family="clip",
+        architecture="ViT-B-16+PubMedBERT",
+        files=(
+            RemoteFile(_BIOMEDCLIP + "open_clip_config.json", "open_clip_config.json", 707, None, _HF_SMALL_FILE),
+            RemoteFile(
+                _BIOMEDCLIP + "open_clip_pytorch_model.bin", "open_clip_pytorch_model.bin", None,
+                "52cc993c5c5ff962bd0c60931874bc001e7e9b41666a385530f4a036294576be",
+                "https://huggingface.co/microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224/blob/main/"
+                "open_clip_pytorch_model.bin (Git LFS details, commit 19a9890 'Update ckpt.')"),
+            # Tokenizer of the text tower, from the same repository.
+            RemoteFile(_BIOMEDCLIP + "vocab.txt", "vocab.txt", None, None, _HF_SMALL_FILE),
+            RemoteFile(_BIOMEDCLIP + "tokenizer.json", "tokenizer.json", None, None, _HF_SMALL_FILE),
+            RemoteFile(_BIOMEDCLIP + "tokenizer_config.json", "tokenizer_config.json", 394, None, _HF_SMALL_FILE),
+            RemoteFile(_BIOMEDCLIP + "special_tokens_map.json", "special_tokens_map.json", 125, None,
+                       _HF_SMALL_FILE),
+            # BERT config of the text tower (hf_model_name in open_clip_config.json), so it builds offline.
+            RemoteFile(_BIOMEDBERT + "config.json", "config.json", None, None, _HF_SMALL_FILE),
+        ),
+        licence="MIT",
+        homepage="https://huggingface.co/microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+        description=(
+            "BiomedCLIP: ViT-B/16 image tower and PubMedBERT text tower (context 256) trained on PMC-15M "
+            "(Zhang et al. 2023). Text tower from microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract."
+        ),
+    ),
+    ModelEntry(
+        name="clip_vit_b16",
+        family="clip",
+        architecture="ViT-B-16-quickgelu",
+        files=_timm_openai_clip("vit_base_patch16_clip_224.openai"),
+        licence="MIT",
+        homepage="https://github.com/openai/CLIP",
+        description="OpenAI CLIP ViT-B/16 (Radford et al. 2021), open_clip local-dir copy on the timm Hub.",
+    ),
+    ModelEntry(
+        name="clip_vit_b32",
+        family="clip",
+        architecture="ViT-B-32-quickgelu",
+        files=_timm_openai_clip("vit_base_patch32_clip_224.openai"),
+        licence="MIT",
+        homepage="https://github.com/openai/CLIP",
+        description="OpenAI CLIP ViT-B/32 (Radford et al. 2021), the CLIP of the CLISC paper; open_clip "
+                    "local-dir copy on the timm Hub.",
+    ),
+    ModelEntry(
+        name="resnet50_imagenet",
+        family="classifier",
+        architecture="resnet50",
+        files=(RemoteFile(
+            "https://download.pytorch.org/models/resnet50-0676ba61.pth", "resnet50-0676ba61.pth", None, None,
+            "torchvision publishes only the first 8 hex digits of the sha256, in the file name "
+            "(https://docs.pytorch.org/docs/stable/hub.html#torch.hub.load_state_dict_from_url, check_hash)",
+            sha256_prefix="0676ba61"),),
+        licence="BSD-3-Clause",
+        homepage="https://docs.pytorch.org/vision/stable/models/generated/torchvision.models.resnet50.html",
+        description="torchvision ResNet-50, ResNet50_Weights.IMAGENET1K_V1 (acc@1 76.13, 97.8 MB).",
+    ),
+)
+
+
+def get_entry(name: str) -> ModelEntry:
+    """The catalogue entry called ``name``; KeyError listing the known names otherwise."""
+    for entry in CATALOGUE:
+        if entry.name == name:
+            return entry
+    raise KeyError(f"unknown model '{name}'; catalogue: {', '.join(e.name for e in CATALOGUE)}")

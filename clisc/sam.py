@@ -1,0 +1,92 @@
+"""Segment Anything on the slices of a volume: batched image embeddings, then masks from box/point prompts.
+
+`SliceSegmenter` owns SAM's pre-processing (longest side to 1024, normalise, pad) and post-processing (mask
+logits back to the slice grid, threshold), as ``SamPredictor`` does for one image, but embeds many slices
+per forward pass, in inference mode, with the fused-attention encoder and, where asked, bf16/fp16 autocast.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .prompts import SamPrompt, largest_components
+from .sam_speed import accelerate_image_encoder
+from .torchvision_compat import import_torchvision
+
+logger = logging.getLogger(__name__)
+
+
+class SliceSegmenter:
+    """SAM applied to 2D slices of one size.
+
+    Args:
+        sam: a `segment_anything.modeling.Sam` (eval mode) on its device.
+        autocast_dtype: dtype for the image encoder under autocast (torch.bfloat16 on CPU, torch.float16 or
+            bfloat16 on CUDA) or None for full precision. The light prompt encoder and mask decoder always
+            run in float32.
+        batch_size: slices per encoder forward pass; halved on a CUDA out-of-memory error.
+    """
+
+    def __init__(self, sam, autocast_dtype: Optional[torch.dtype] = None, batch_size: int = 2) -> None:
+        import_torchvision()
+        from segment_anything.utils.transforms import ResizeLongestSide
+
+        self.sam = sam
+        accelerate_image_encoder(sam)
+        self.device = next(sam.parameters()).device
+        self.autocast_dtype = autocast_dtype
+        self.batch_size = batch_size
+        self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+
+    def embed(self, images: np.ndarray) -> torch.Tensor:
+        """Image embeddings (B, 256, 64, 64) float32 of RGB uint8 slices (B, H, W, 3)."""
+        batch = torch.stack([self._preprocess(image) for image in images])
+        try:
+            return self._encode(batch)
+        except torch.cuda.OutOfMemoryError:
+            if self.batch_size > 1:
+                self.batch_size //= 2
+                logger.warning("GPU out of memory: retrying SAM with %d slice(s) per batch", self.batch_size)
+                torch.cuda.empty_cache()
+                return self.embed(images)
+            raise
+
+    def _encode(self, batch: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                                    enabled=self.autocast_dtype is not None):
+            for start in range(0, len(batch), self.batch_size):
+                chunk = batch[start:start + self.batch_size].to(self.device)
+                outputs.append(self.sam.image_encoder(chunk).float())
+        return torch.cat(outputs)
+
+    def _preprocess(self, image: np.ndarray) -> torch.Tensor:
+        resized = torch.as_tensor(self.transform.apply_image(image)).permute(2, 0, 1).contiguous()
+        return self.sam.preprocess(resized.to(self.device).float())
+
+    def predict(self, embedding: torch.Tensor, image_shape: tuple, prompt: SamPrompt) -> np.ndarray:
+        """Mask (H, W) bool of one slice from its embedding (256, 64, 64): single-mask output, logits > 0
+        (probability 0.5), union over boxes, then the ``prompt.components`` largest blobs."""
+        sam = self.sam
+        points = boxes = None
+        if prompt.points is not None:
+            coords = self.transform.apply_coords(prompt.points, image_shape)
+            points = (torch.as_tensor(coords, dtype=torch.float, device=self.device)[None],
+                      torch.as_tensor(prompt.labels, dtype=torch.int, device=self.device)[None])
+        if prompt.boxes is not None:
+            boxes = torch.as_tensor(self.transform.apply_boxes(prompt.boxes, image_shape),
+                                    dtype=torch.float, device=self.device)
+            if points is not None:
+                points = tuple(p.expand(len(boxes), *p.shape[1:]) for p in points)
+        with torch.inference_mode():
+            sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
+            low_res, _ = sam.mask_decoder(
+                image_embeddings=embedding[None].to(self.device), image_pe=sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=False)
+            input_size = self.transform.get_preprocess_shape(*image_shape, self.transform.target_length)
+            logits = sam.postprocess_masks(low_res, input_size, image_shape)
+        mask = (logits > sam.mask_threshold).any(dim=0)[0].cpu().numpy()
+        return largest_components(mask, prompt.components)

@@ -1,0 +1,252 @@
+"""Zero-shot text-prompted segmentation of a volume or 2D image (METHOD.md §A, MedCLIP-SAM).
+
+Per prompt: CLIP decides which slices show the target (positive prompt ensemble against a negative one,
+smoothed along the slice axis), a saliency map (M2IB, gScoreCAM or GradCAM) on those slices gives a
+coarse mask, the mask gives box/point prompts, SAM draws the slice masks, and the stacked masks keep their
+largest 3D connected components. SAM image embeddings are computed once per slice for all prompts.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from scipy.ndimage import uniform_filter1d
+
+from .clip_scoring import NEGATIVE_PROMPTS, ClipScorer
+from .errors import InputError
+from .progress import CancelToken, ProgressCallback, no_progress
+from .prompts import SamPrompt, coarse_mask, largest_components, sam_prompt
+from .saliency import compute_saliency
+from .volume import Volume
+
+logger = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARACTERS = 300  # CLIP reads at most 77 tokens; longer text is a mistake, not a prompt
+AXIS_NAMES = {"k": 0, "j": 1, "i": 2}
+ANATOMICAL_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # the RAS axis each plane is normal to
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SegmentOptions:
+    """Every parameter of a zero-shot run (recorded in the report). Presets fill in the defaults."""
+
+    clip: str = "biomedclip"
+    sam: str = "sam_vit_b"
+    saliency: str = "m2ib"
+    saliency_options: Dict[str, float] = field(default_factory=dict)
+    prompt_type: str = "box"
+    axis: str = "auto"                      # auto | axial | coronal | sagittal | k | j | i
+    slices: str = "auto"                    # auto (CLIP relevance) | all | FIRST:LAST (inclusive, 0-based)
+    negative_prompts: Sequence[str] = NEGATIVE_PROMPTS
+    relevance_threshold: float = 0.5
+    relevance_smoothing: int = 5            # slices in the moving average of relevance along the axis
+    coarse_method: str = "kmeans"
+    components: int = 1                     # connected components kept (2D coarse mask and 3D result)
+    box_per_component: bool = False
+    positive_points: int = 5
+    negative_points: int = 0
+    device: str = "auto"                    # auto | cpu | cuda
+    clip_precision: str = "float32"         # float32 | bfloat16 | float16 (under autocast)
+    sam_precision: str = "float32"
+    sam_batch_size: int = 2
+    seed: int = 0
+
+
+PRESETS = {
+    # The papers' defaults: M2IB with 10 Adam steps on 10 noise samples, SAM in full precision.
+    "accurate": {"saliency": "m2ib", "saliency_options": {"steps": 10, "samples": 10}},
+    # A laptop CPU: the cheap saliency, bf16 autocast for CLIP and the SAM encoder.
+    "fast": {"saliency": "gradcam", "clip_precision": "bfloat16", "sam_precision": "bfloat16"},
+}
+
+
+def preset_options(preset: str = "accurate", **overrides) -> SegmentOptions:
+    if preset not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}; use {' or '.join(PRESETS)}")
+    return replace(SegmentOptions(**PRESETS[preset]), **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass
+class SegmentResult:
+    masks: List[np.ndarray]          # one (K, J, I) bool per prompt
+    names: List[str]                 # the prompts
+    saliency: List[np.ndarray]       # one (K, J, I) float32 in [0, 1] per prompt (0 where not computed)
+    report: dict
+
+
+def check_prompts(prompts: Sequence[str]) -> List[str]:
+    """Stripped prompts; InputError for none, an empty one, or one too long to be a prompt."""
+    cleaned = [" ".join(str(p).split()) for p in prompts]
+    if not cleaned:
+        raise InputError("give at least one text prompt, e.g. --prompt \"brain tumor\"")
+    for prompt in cleaned:
+        if not prompt:
+            raise InputError("a prompt is empty or only white space; say what to segment, e.g. \"brain tumor\"")
+        if len(prompt) > MAX_PROMPT_CHARACTERS:
+            raise InputError(f"a prompt has {len(prompt)} characters; CLIP reads about 77 words at most, so keep "
+                             f"each prompt under {MAX_PROMPT_CHARACTERS} characters (e.g. \"{prompt[:30]}...\")")
+    return cleaned
+
+
+def slice_axis(volume: Volume, axis: str) -> int:
+    """Array axis (0=k, 1=j, 2=i) to slice along: an index letter, an anatomical plane, or auto."""
+    if axis == "auto":
+        return volume.acquisition_axis()
+    if axis in AXIS_NAMES:
+        return AXIS_NAMES[axis]
+    if axis in ANATOMICAL_AXES:
+        # the index axis (i, j, k) whose direction is closest to the plane's normal, as an array axis
+        directions = np.abs(volume.ijk_to_ras[:3, :3] / volume.spacing)
+        return 2 - int(np.argmax(directions[ANATOMICAL_AXES[axis]]))
+    raise InputError(f"unknown axis {axis!r}; use auto, axial, coronal, sagittal, k, j or i")
+
+
+def to_uint8(array: np.ndarray) -> np.ndarray:
+    """Window a volume to uint8: NaN/Inf replaced, 0.5-99.5 percentiles of the non-zero voxels to 0-255."""
+    finite = np.isfinite(array)
+    values = array[finite & (array != 0)]
+    if values.size == 0:
+        return np.zeros(array.shape, dtype=np.uint8)
+    low, high = np.percentile(values, [0.5, 99.5])
+    clean = np.where(finite, array, low).astype(np.float32)
+    scaled = (clean - low) / max(high - low, 1e-6)
+    return (np.clip(scaled, 0, 1) * 255).round().astype(np.uint8)
+
+
+def slice_range(spec: str, count: int) -> np.ndarray:
+    """Boolean (count,) of the slices a ``--slices`` value names (auto and all name every slice)."""
+    if spec in ("auto", "all"):
+        return np.ones(count, dtype=bool)
+    try:
+        first, last = (int(part) for part in spec.split(":"))
+    except ValueError:
+        raise InputError(f"--slices {spec!r}: use auto, all or FIRST:LAST (0-based, inclusive)") from None
+    if not 0 <= first <= last < count:
+        raise InputError(f"--slices {spec!r}: the axis has slices 0 to {count - 1}")
+    chosen = np.zeros(count, dtype=bool)
+    chosen[first:last + 1] = True
+    return chosen
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA GPU is available to torch here; use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise InputError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+class ZeroShotSegmenter:
+    """Holds the loaded CLIP and SAM models; `segment` runs the pipeline on one volume.
+
+    Args:
+        options: the run's parameters (see `preset_options`).
+        clip, sam: already loaded models (`clisc.models.loaders.load_clip` / `load_sam`); loaded from
+            ``options.clip`` / ``options.sam`` when omitted.
+    """
+
+    def __init__(self, options: SegmentOptions, clip=None, sam=None) -> None:
+        from .models.loaders import load_clip, load_sam
+        from .sam import SliceSegmenter
+
+        self.options = options
+        self.device = resolve_device(options.device)
+        for name in ("clip_precision", "sam_precision"):
+            if getattr(options, name) not in DTYPES:
+                raise InputError(f"{name} {getattr(options, name)!r}: use one of {', '.join(DTYPES)}")
+        self.clip = ClipScorer(clip or load_clip(options.clip), self.device, DTYPES[options.clip_precision])
+        sam = (sam or load_sam(options.sam)).to(self.device)
+        self.sam = SliceSegmenter(sam, DTYPES[options.sam_precision], options.sam_batch_size)
+
+    def segment(self, volume: Volume, prompts: Sequence[str], progress: ProgressCallback = no_progress,
+                cancel: Optional[CancelToken] = None) -> SegmentResult:
+        options, cancel = self.options, cancel or CancelToken()
+        prompts = check_prompts(prompts)
+        timings: Dict[str, float] = {}
+        axis = slice_axis(volume, options.axis)
+        slices = np.moveaxis(to_uint8(volume.array), axis, 0)          # (N, H, W)
+        count, shape = len(slices), slices.shape[1:]
+        candidates = slice_range(options.slices, count) & (slices.reshape(count, -1).ptp(axis=1) > 0)
+        if not candidates.any():
+            logger.warning("%s: no slice has any contrast; the segments are empty", volume.source or "volume")
+
+        started = time.perf_counter()
+        indices = np.flatnonzero(candidates)
+        images = self.clip.images(slices[indices]) if len(indices) else None
+        texts = [self.clip.prompt_embedding(p) for p in prompts]
+        relevance = np.zeros((len(prompts), count))
+        if options.slices == "auto" and len(indices):
+            negative = self.clip.text_embedding(options.negative_prompts)
+            embeddings = self.clip.image_embeddings(images)
+            for n, text in enumerate(texts):
+                relevance[n, indices] = self.clip.relevance(embeddings, text, negative)
+            smoothed = uniform_filter1d(relevance, size=options.relevance_smoothing, axis=1, mode="nearest")
+            selected = (smoothed >= options.relevance_threshold) & candidates
+        else:
+            selected = np.repeat(candidates[None], len(prompts), axis=0)
+        timings["relevance"] = time.perf_counter() - started
+        for prompt, chosen in zip(prompts, selected):
+            if candidates.any() and not chosen.any():
+                logger.warning("no slice is relevant to %r; its segment is empty (try --slices all)", prompt)
+
+        started = time.perf_counter()
+        saliency = np.zeros((len(prompts), count) + shape, dtype=np.float32)
+        position = {index: row for row, index in enumerate(indices)}
+        work = [(n, index) for n in range(len(prompts)) for index in np.flatnonzero(selected[n])]
+        for done, (n, index) in enumerate(work):
+            cancel.raise_if_cancelled()
+            progress("saliency", done, len(work), prompts[n])
+            image = images[position[index]][None]
+            maps = compute_saliency(options.saliency, self.clip.model, image, texts[n][None],
+                                    autocast_dtype=self.clip.autocast_dtype, **options.saliency_options)
+            saliency[n, index] = self.clip.to_slice_grid(maps, shape)[0]
+        progress("saliency", len(work), len(work), "")
+        timings["saliency"] = time.perf_counter() - started
+
+        rng = np.random.default_rng(options.seed)
+        sam_prompts: Dict[int, Dict[int, SamPrompt]] = {}
+        for n, index in work:
+            mask = coarse_mask(saliency[n, index], options.coarse_method, options.components)
+            prompt = sam_prompt(mask, options.prompt_type, options.box_per_component, options.positive_points,
+                                options.negative_points, rng)
+            if prompt is not None:
+                sam_prompts.setdefault(int(index), {})[n] = prompt
+
+        started = time.perf_counter()
+        masks = np.zeros((len(prompts), count) + shape, dtype=bool)
+        to_embed = sorted(sam_prompts)
+        step = self.sam.batch_size
+        for start in range(0, len(to_embed), step):
+            cancel.raise_if_cancelled()
+            progress("SAM", start, len(to_embed), "")
+            batch = to_embed[start:start + step]
+            embeddings = self.sam.embed(np.repeat(slices[batch][..., None], 3, axis=-1))
+            for embedding, index in zip(embeddings, batch):
+                for n, prompt in sam_prompts[index].items():
+                    masks[n, index] = self.sam.predict(embedding, shape, prompt)
+        progress("SAM", len(to_embed), len(to_embed), "")
+        timings["sam"] = time.perf_counter() - started
+
+        volume_masks = [np.moveaxis(largest_components(m, options.components), 0, axis) for m in masks]
+        report = {
+            "input": volume.source,
+            "shape_kji": list(volume.array.shape),
+            "axis": int(axis),
+            "prompts": prompts,
+            "options": asdict(self.options),
+            "relevance": {p: relevance[n].round(4).tolist() for n, p in enumerate(prompts)},
+            "selected_slices": {p: np.flatnonzero(selected[n]).tolist() for n, p in enumerate(prompts)},
+            "sam_prompts": {prompts[n]: {str(i): sam_prompts[i][n].as_dict() for i in sam_prompts if n in sam_prompts[i]}
+                            for n in range(len(prompts))},
+            "slices_embedded": len(to_embed),
+            "seconds": {k: round(v, 3) for k, v in timings.items()},
+            "device": str(self.device),
+        }
+        return SegmentResult(volume_masks, prompts, [np.moveaxis(s, 0, axis) for s in saliency], report)
