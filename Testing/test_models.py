@@ -14,7 +14,11 @@ from clisc.errors import InputError
 from clisc.models import cache
 from clisc.models.catalogue import CATALOGUE
 from clisc.models.loaders import load_checkpoint, load_clip, load_sam, sam_architecture
-from clisc.models.random_weights import TINY_CLIP_CONFIG, save_random_clip, save_random_sam
+from clisc.models.random_weights import (
+    TINY_CLIP_CONFIG,
+    save_random_clip,
+    save_random_sam,
+)
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
+from conftest import shared_data, write_dicom_series
 
 from clisc.errors import InputError
 from clisc.readers import read_volume
 from clisc.volume import LPS_TO_RAS, Volume
 from clisc.writers import write_masks, write_volume
-from conftest import shared_data, write_dicom_series
 
 
 def rotation(x_degrees: float, z_degrees: float) -> np.ndarray:

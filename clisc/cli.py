@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable, Dict, List, Optional
+from typing import Callable, List, Optional
 
 from . import __version__
 from .errors import Cancelled, InputError

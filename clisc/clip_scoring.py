@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .models.loaders import ClipModel
+from .precision import inference
 
 POSITIVE_TEMPLATES = ("{}", "a medical image showing {}", "a scan with {}", "an image of {}")
 NEGATIVE_PROMPTS = ("a medical image of normal healthy tissue", "a medical image with no abnormality",
@@ -35,13 +36,9 @@ class ClipScorer:
         self.mean = torch.tensor(clip.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(clip.std, device=device).view(1, 3, 1, 1)
 
-    def autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                              enabled=self.autocast_dtype is not None)
-
     def text_embedding(self, texts: Sequence[str]) -> torch.Tensor:
         """Mean of the L2-normalised embeddings of ``texts``, normalised again: (D,) float32."""
-        with torch.inference_mode(), self.autocast():
+        with inference(self.model, self.device, self.autocast_dtype):
             features = self.model.encode_text(self.clip.tokenizer(list(texts)).to(self.device)).float()
         mean = F.normalize(features, dim=-1).mean(0)
         return F.normalize(mean, dim=0).clone()
@@ -70,7 +67,7 @@ class ClipScorer:
     def image_embeddings(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
         """L2-normalised image embeddings (B, D) of CLIP inputs (B, 3, S, S)."""
         outputs = []
-        with torch.inference_mode(), self.autocast():
+        with inference(self.model, self.device, self.autocast_dtype):
             for start in range(0, len(images), batch_size):
                 outputs.append(self.model.encode_image(images[start:start + batch_size]).float())
         return F.normalize(torch.cat(outputs), dim=-1)

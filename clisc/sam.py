@@ -2,7 +2,7 @@
 
 `SliceSegmenter` owns SAM's pre-processing (longest side to 1024, normalise, pad) and post-processing (mask
 logits back to the slice grid, threshold), as ``SamPredictor`` does for one image, but embeds many slices
-per forward pass, in inference mode, with the fused-attention encoder and, where asked, bf16/fp16 autocast.
+per forward pass, without gradients, with the fused-attention encoder and, where asked, bf16/fp16 autocast.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .precision import inference
 from .prompts import SamPrompt, largest_components
 from .sam_speed import accelerate_image_encoder
 from .torchvision_compat import import_torchvision
@@ -56,8 +57,7 @@ class SliceSegmenter:
 
     def _encode(self, batch: torch.Tensor) -> torch.Tensor:
         outputs = []
-        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                                    enabled=self.autocast_dtype is not None):
+        with inference(self.sam.image_encoder, self.device, self.autocast_dtype):
             for start in range(0, len(batch), self.batch_size):
                 chunk = batch[start:start + self.batch_size].to(self.device)
                 outputs.append(self.sam.image_encoder(chunk).float())

@@ -165,10 +165,17 @@ class ZeroShotSegmenter:
         sam = (sam or load_sam(options.sam)).to(self.device)
         self.sam = SliceSegmenter(sam, DTYPES[options.sam_precision], options.sam_batch_size)
 
+    def slice_saliency(self, index: int, image: torch.Tensor, text: torch.Tensor, shape: tuple) -> np.ndarray:
+        """Saliency (H, W) in [0, 1] of slice ``index`` given its CLIP input (1, 3, S, S) and a text (D,)."""
+        maps = compute_saliency(self.options.saliency, self.clip.model, image, text[None],
+                                autocast_dtype=self.clip.autocast_dtype, **self.options.saliency_options)
+        return self.clip.to_slice_grid(maps, shape)[0]
+
     def segment(self, volume: Volume, prompts: Sequence[str], progress: ProgressCallback = no_progress,
                 cancel: Optional[CancelToken] = None) -> SegmentResult:
         options, cancel = self.options, cancel or CancelToken()
         prompts = check_prompts(prompts)
+        torch.manual_seed(options.seed)  # M2IB's noise and any other torch sampling
         timings: Dict[str, float] = {}
         axis = slice_axis(volume, options.axis)
         slices = np.moveaxis(to_uint8(volume.array), axis, 0)          # (N, H, W)
@@ -203,10 +210,7 @@ class ZeroShotSegmenter:
         for done, (n, index) in enumerate(work):
             cancel.raise_if_cancelled()
             progress("saliency", done, len(work), prompts[n])
-            image = images[position[index]][None]
-            maps = compute_saliency(options.saliency, self.clip.model, image, texts[n][None],
-                                    autocast_dtype=self.clip.autocast_dtype, **options.saliency_options)
-            saliency[n, index] = self.clip.to_slice_grid(maps, shape)[0]
+            saliency[n, index] = self.slice_saliency(int(index), images[position[index]][None], texts[n], shape)
         progress("saliency", len(work), len(work), "")
         timings["saliency"] = time.perf_counter() - started
 

@@ -1,0 +1,81 @@
+"""Saliency → coarse mask → SAM prompts."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from clisc.prompts import coarse_mask, sam_prompt
+
+
+def blob_map(shape=(60, 80), centres=((20, 25),), radius=8) -> np.ndarray:
+    rows, cols = np.mgrid[:shape[0], :shape[1]]
+    saliency = np.zeros(shape)
+    for row, col in centres:
+        saliency = np.maximum(saliency, np.exp(-((rows - row) ** 2 + (cols - col) ** 2) / (2 * radius ** 2)))
+    return saliency
+
+
+@pytest.mark.parametrize("method", ["kmeans", "otsu", "fixed"])
+def test_coarse_mask_covers_the_salient_blob(method):
+    mask = coarse_mask(blob_map(), method)
+    rows, cols = np.nonzero(mask)
+    assert mask[20, 25] and not mask[50, 70]
+    assert abs(rows.mean() - 20) < 1 and abs(cols.mean() - 25) < 1
+
+
+def test_coarse_mask_keeps_the_requested_number_of_components():
+    saliency = blob_map(centres=((20, 20), (40, 60)), radius=5)
+    saliency[40:, 40:] *= 0.9
+    two = coarse_mask(saliency, components=2)
+    assert two[20, 20] and two[40, 60]
+    one = coarse_mask(saliency, components=1)
+    assert one[20, 20] != one[40, 60]
+
+
+def test_flat_saliency_gives_no_mask_and_no_prompt():
+    mask = coarse_mask(np.full((10, 10), 0.5))
+    assert not mask.any()
+    assert sam_prompt(mask) is None
+
+
+def test_box_is_xy_and_tight():
+    mask = np.zeros((50, 60), bool)
+    mask[10:21, 30:41] = True
+    prompt = sam_prompt(mask, "box")
+    assert prompt.boxes.tolist() == [[30, 10, 40, 20]]
+    assert prompt.points is None and prompt.components == 1
+
+
+def test_one_box_per_component_for_paired_organs():
+    mask = np.zeros((50, 60), bool)
+    mask[5:10, 5:10] = True
+    mask[30:40, 40:55] = True
+    prompt = sam_prompt(mask, "box", box_per_component=True)
+    assert sorted(prompt.boxes.tolist()) == [[5, 5, 9, 9], [40, 30, 54, 39]]
+    assert prompt.components == 2
+    assert sam_prompt(mask, "box").boxes.tolist() == [[5, 5, 54, 39]]
+
+
+def test_points_are_inside_negatives_outside_and_seeded():
+    mask = np.zeros((50, 60), bool)
+    mask[10:30, 20:40] = True
+    first = sam_prompt(mask, "points", positive_points=5, negative_points=3, rng=np.random.default_rng(7))
+    again = sam_prompt(mask, "points", positive_points=5, negative_points=3, rng=np.random.default_rng(7))
+    assert np.array_equal(first.points, again.points)
+    assert first.labels.tolist() == [1] * 5 + [0] * 3
+    for (x, y), positive in zip(first.points.astype(int), first.labels):
+        assert mask[y, x] == bool(positive)
+
+
+def test_both_gives_one_box_with_points():
+    mask = np.zeros((50, 60), bool)
+    mask[10:30, 20:40] = True
+    prompt = sam_prompt(mask, "both")
+    assert prompt.boxes.shape == (1, 4) and prompt.points.shape == (5, 2)
+
+
+def test_unknown_options_are_refused():
+    with pytest.raises(ValueError, match="prompt type"):
+        sam_prompt(np.ones((4, 4), bool), "circle")
+    with pytest.raises(ValueError, match="coarse-mask method"):
+        coarse_mask(blob_map(), "crf")
