@@ -40,14 +40,15 @@ def tiny_models(tmp_path_factory):
 class OracleSegmenter(ZeroShotSegmenter):
     """Saliency = the blurred ground truth of the slice; SAM's mask = its box prompt, filled."""
 
-    def __init__(self, options, models, truth: np.ndarray):
+    def __init__(self, options, models, truth: np.ndarray, blur: float = 2.0):
         super().__init__(options, *models)
+        self.blur = blur
         self.truth_slices = np.moveaxis(truth, slice_axis(Volume(truth, np.eye(4)), options.axis), 0)
         self.sam.embed = lambda images: torch.zeros(len(images), 1)
         self.sam.predict = self._box
 
     def slice_saliency(self, index, image, text, shape):
-        return gaussian_filter(self.truth_slices[index].astype(float), 2)
+        return gaussian_filter(self.truth_slices[index].astype(float), self.blur)
 
     @staticmethod
     def _box(embedding, shape, prompt):
@@ -116,7 +117,7 @@ def test_oracle_mask_written_lands_on_the_planted_block(tmp_path, tiny_models, g
 
     volume = read_volume(source)
     truth = volume.array > 250
-    result = OracleSegmenter(preset_options("fast", slices="all", axis=axis), tiny_models, truth).segment(
+    result = OracleSegmenter(preset_options("fast", slices="all", axis=axis), tiny_models, truth, blur=0).segment(
         volume, ["block"])
     assert np.array_equal(result.masks[0], truth)  # a box is the block itself
     output = tmp_path / "block.seg.nrrd"

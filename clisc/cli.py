@@ -65,7 +65,7 @@ def _segment(args: argparse.Namespace) -> None:
     from .progress import TqdmProgress
     from .readers import read_volume
     from .writers import output_kind, write_masks, write_volume
-    from .zeroshot import ZeroShotSegmenter, check_prompts, preset_options
+    from .zeroshot import ZeroShotSegmenter, check_options, check_prompts, preset_options
 
     prompts = check_prompts(args.prompt)
     outputs = [Path(p) for p in (args.output, args.saliency_out, args.report) if p]
@@ -82,6 +82,7 @@ def _segment(args: argparse.Namespace) -> None:
         axis=args.axis, device=args.device, slices=args.slices, seed=args.seed,
         negative_prompts=tuple(check_prompts(args.negative_prompt)) if args.negative_prompt else None)
     volume = read_volume(args.input, series_uid=args.series)
+    check_options(volume, options)
     segmenter = ZeroShotSegmenter(options)
     if segmenter.device.type == "cpu":
         logger.warning("running on the CPU: expect minutes per volume (--preset fast is quicker; a CUDA GPU "

@@ -75,6 +75,6 @@ class ClipScorer:
     def relevance(self, image_embeddings: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> np.ndarray:
         """Probability (B,) that each image matches ``positive`` rather than ``negative`` (two-way softmax
         of the model's scaled cosine similarities)."""
-        scale = self.model.logit_scale.exp().float()
+        scale = self.model.logit_scale.detach().exp().float()
         logits = scale * image_embeddings @ torch.stack([positive, negative]).T
         return logits.softmax(dim=-1)[:, 0].cpu().numpy()

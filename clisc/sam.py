@@ -28,7 +28,8 @@ class SliceSegmenter:
         autocast_dtype: dtype for the image encoder under autocast (torch.bfloat16 on CPU, torch.float16 or
             bfloat16 on CUDA) or None for full precision. The light prompt encoder and mask decoder always
             run in float32.
-        batch_size: slices per encoder forward pass; halved on a CUDA out-of-memory error.
+        batch_size: slices per encoder forward pass; halved on a CUDA out-of-memory error, and at one slice
+            SAM moves to the CPU.
     """
 
     def __init__(self, sam, autocast_dtype: Optional[torch.dtype] = None, batch_size: int = 2) -> None:
@@ -47,13 +48,18 @@ class SliceSegmenter:
         batch = torch.stack([self._preprocess(image) for image in images])
         try:
             return self._encode(batch)
-        except torch.cuda.OutOfMemoryError:
+        except torch.OutOfMemoryError:
+            if self.device.type != "cuda":
+                raise
+            torch.cuda.empty_cache()
             if self.batch_size > 1:
                 self.batch_size //= 2
                 logger.warning("GPU out of memory: retrying SAM with %d slice(s) per batch", self.batch_size)
-                torch.cuda.empty_cache()
-                return self.embed(images)
-            raise
+            else:
+                logger.warning("GPU out of memory even for one slice: SAM continues on the CPU (slower)")
+                self.device = torch.device("cpu")
+                self.sam.to(self.device)
+            return self.embed(images)
 
     def _encode(self, batch: torch.Tensor) -> torch.Tensor:
         outputs = []

@@ -133,6 +133,14 @@ def slice_range(spec: str, count: int) -> np.ndarray:
     return chosen
 
 
+def check_options(volume: Volume, options: SegmentOptions) -> int:
+    """Validate what depends on the volume before any model is loaded; returns the slice axis."""
+    axis = slice_axis(volume, options.axis)
+    slice_range(options.slices, volume.array.shape[axis])
+    resolve_device(options.device)
+    return axis
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -177,10 +185,10 @@ class ZeroShotSegmenter:
         prompts = check_prompts(prompts)
         torch.manual_seed(options.seed)  # M2IB's noise and any other torch sampling
         timings: Dict[str, float] = {}
-        axis = slice_axis(volume, options.axis)
+        axis = check_options(volume, options)
         slices = np.moveaxis(to_uint8(volume.array), axis, 0)          # (N, H, W)
         count, shape = len(slices), slices.shape[1:]
-        candidates = slice_range(options.slices, count) & (slices.reshape(count, -1).ptp(axis=1) > 0)
+        candidates = slice_range(options.slices, count) & (np.ptp(slices.reshape(count, -1), axis=1) > 0)
         if not candidates.any():
             logger.warning("%s: no slice has any contrast; the segments are empty", volume.source or "volume")
 

@@ -114,7 +114,7 @@ def main() -> None:
         print(f"  peak RSS: {peak_rss_gb():.2f} GB (before the run: {rss_before:.2f} GB)")
 
         slices = np.moveaxis(to_uint8(volume.array), report["axis"], 0)
-        nonblank = np.flatnonzero(slices.reshape(len(slices), -1).ptp(axis=1) > 0)
+        nonblank = np.flatnonzero(np.ptp(slices.reshape(len(slices), -1), axis=1) > 0)
         sample = slices[nonblank[np.linspace(0, len(nonblank) - 1, args.naive_samples).astype(int)]]
         sam = load_sam(sam_file)  # stock encoder: the pipeline replaced the attention of the first one
         saliency_s, sam_s = naive_seconds_per_slice(sam, clip, options.saliency, options.saliency_options, sample)
