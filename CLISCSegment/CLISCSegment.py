@@ -1,6 +1,122 @@
-"""CLISCSegment: text-prompted zero-shot segmentation of a loaded volume (skeleton; the GUI comes next)."""
-from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
-                                           ScriptedLoadableModuleWidget)
+"""CLISCSegment: segment a loaded volume from a text prompt (CLIP saliency + Segment Anything).
+
+A thin adapter around the engine (`clisc.zeroshot`), in three steps: copy the volume out of MRML (main
+thread), run the engine (any thread: the GUI uses a worker thread), write the segments back (main thread).
+Everything the GUI does works from Slicer's Python console::
+
+    import CLISCSegment
+    logic = CLISCSegment.CLISCSegmentLogic()
+    segmentationNode = logic.segment(volumeNode, ["brain tumor"], clip="biomedclip", sam="sam_vit_b", device="cuda")
+
+The engine is imported only inside functions: this file must load before its Python packages are installed.
+Like Slicer's module template, no ``from __future__ import annotations``: the parameter node wrapper reads the
+annotations as types.
+"""
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import re
+import threading
+import traceback
+from typing import Annotated, Optional, Union
+
+import numpy as np
+import qt
+import slicer
+import vtk
+from slicer import (
+    vtkMRMLScalarVolumeNode,
+    vtkMRMLSegmentationNode,
+    vtkMRMLVectorVolumeNode,
+)
+from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+PROMPT_TAG = "CLISC.Prompt"               # segment tag holding the prompt that made the segment
+SALIENCY_REFERENCE = "CLISC.Saliency"     # segmentation node -> its saliency volumes, in segment order
+
+# Python packages the engine needs beyond Slicer's own (numpy, SimpleITK, scipy, pydicom) and the PyTorch
+# extension's torch and torchvision: import name -> pip requirement (as in pyproject.toml).
+REQUIREMENTS = {
+    "segment_anything": "segment-anything>=1.0",
+    "open_clip": "open-clip-torch>=2.23",
+    "transformers": "transformers>=4.30",
+    "monai": "monai>=1.3",
+    "skimage": "scikit-image>=0.21",
+    "slicerio": "slicerio>=1.4",
+    "tqdm": "tqdm>=4.60",
+}
+
+# Terminology entries for common prompts: a small subset of SNOMED CT, with the codes of Slicer's
+# "3D Slicer General Anatomy list" (which names a tumour "Mass"; anatomic regions from the DICOM master list).
+# Other prompts keep Slicer's default entry.
+ANATOMY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
+REGION_CONTEXT = "Anatomic codes - DICOM master list"
+ANATOMICAL_STRUCTURE = "SCT^123037004^Anatomical Structure"
+ALTERED_STRUCTURE = "SCT^49755003^Morphologically Altered Structure"
+ORGANS = {
+    "brain": "SCT^12738006^Brain", "liver": "SCT^10200004^Liver", "lung": "SCT^39607008^Lung",
+    "kidney": "SCT^64033007^Kidney", "spleen": "SCT^78961009^Spleen", "heart": "SCT^80891009^Heart",
+    "pancreas": "SCT^15776009^Pancreas", "prostate": "SCT^41216001^Prostate",
+}
+PAIRED_ORGANS = ("lung", "kidney")
+LESIONS = {
+    "tumor": "SCT^4147007^Mass", "tumour": "SCT^4147007^Mass", "mass": "SCT^4147007^Mass",
+    "cancer": "SCT^4147007^Mass", "edema": "SCT^79654002^Edema", "oedema": "SCT^79654002^Edema",
+    "necrosis": "SCT^6574001^Necrosis", "cyst": "SCT^367643001^Cyst", "hemorrhage": "SCT^50960005^Hemorrhage",
+}
+SIDES = {"left": "SCT^7771000^Left", "right": "SCT^24028007^Right"}
+NO_CODE = "^^"
+
+
+def splitPrompts(text: str) -> list:
+    """The prompts in a semicolon-separated text, stripped, empty ones dropped."""
+    return [part.strip() for part in text.split(";") if part.strip()]
+
+
+def terminologyEntry(prompt: str) -> Optional[str]:
+    """Slicer terminology entry string for a prompt naming a known organ and/or lesion, else None.
+
+    "left lung" -> Anatomical Structure / Lung / Left; "brain tumor" -> Morphologically Altered Structure /
+    Mass, in the region Brain.
+    """
+    words = [word[:-1] if word[:-1] in ORGANS or word[:-1] in LESIONS else word  # "lungs", "tumors"
+             for word in re.findall(r"[a-z]+", prompt.lower())]
+    organ = next((word for word in words if word in ORGANS), None)
+    lesion = next((LESIONS[word] for word in words if word in LESIONS), None)
+    side = next((SIDES[word] for word in words if word in SIDES and organ in PAIRED_ORGANS), NO_CODE)
+    if lesion:
+        region = ORGANS[organ] if organ else NO_CODE
+        return "~".join([ANATOMY_CONTEXT, ALTERED_STRUCTURE, lesion, NO_CODE, REGION_CONTEXT, region, side])
+    if organ:
+        return "~".join([ANATOMY_CONTEXT, ANATOMICAL_STRUCTURE, ORGANS[organ], side, REGION_CONTEXT, NO_CODE, NO_CODE])
+    return None
+
+
+def installedVersions() -> dict:
+    """Installed Python distributions: name -> version."""
+    return {dist.metadata["Name"]: dist.version for dist in importlib.metadata.distributions()}
+
+
+def uniqueSegmentName(segmentation, name: str) -> str:
+    """``name``, or ``name 2``, ``name 3``... if a segment of ``segmentation`` already has it."""
+    taken = {segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())}
+    candidate, number = name, 2
+    while candidate in taken:
+        candidate, number = f"{name} {number}", number + 1
+    return candidate
+
+
+#
+# CLISCSegment
+#
 
 
 class CLISCSegment(ScriptedLoadableModule):
@@ -8,14 +124,649 @@ class CLISCSegment(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "CLISC Segment"
         self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
         self.parent.contributors = ["CLISC developers"]
-        self.parent.helpText = "Segment a volume from a text prompt (CLIP saliency + Segment Anything)."
-        self.parent.acknowledgementText = "Built on segment-anything, open_clip, MONAI and SimpleITK."
+        self.parent.helpText = (
+            "Segment a volume from a text prompt such as \"brain tumor\" or \"left lung\", without annotation: "
+            "CLIP finds where the prompt is in each slice, Segment Anything draws the mask. Several prompts are "
+            "separated by semicolons; each becomes a segment named after it. Review and edit the result in the "
+            "Segment Editor. Runs on a CUDA GPU in seconds, on a CPU in minutes (use the fast preset).")
+        self.parent.acknowledgementText = (
+            "Built on Segment Anything (Meta), open_clip, BiomedCLIP (Microsoft), MONAI and SimpleITK. "
+            "Methods: MedCLIP-SAM (Koleilat et al., MICCAI 2024) and CLISC (ISBI 2025).")
 
 
-class CLISCSegmentWidget(ScriptedLoadableModuleWidget):
-    pass
+#
+# CLISCSegmentParameterNode
+#
+
+
+@parameterNodeWrapper
+class CLISCSegmentParameterNode:
+    """The GUI's settings. Empty clip/sam: the engine's defaults (catalogue names or local paths otherwise)."""
+
+    inputVolume: Union[vtkMRMLScalarVolumeNode, vtkMRMLVectorVolumeNode]  # the node types of its selector
+    prompts: str = ""
+    negativePrompt: str = ""
+    preset: Annotated[str, Choice(["accurate", "fast"])] = "accurate"
+    device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    saliency: Annotated[str, Choice(["preset", "m2ib", "gscorecam", "gradcam"])] = "preset"
+    promptType: Annotated[str, Choice(["box", "points", "both"])] = "box"
+    axis: Annotated[str, Choice(["auto", "axial", "coronal", "sagittal"])] = "auto"
+    slices: Annotated[str, Choice(["auto", "all"])] = "auto"
+    clip: str = ""
+    sam: str = ""
+    outputSegmentation: vtkMRMLSegmentationNode
+    showSaliency: bool = False
+
+
+#
+# CLISCSegmentWidget
+#
+
+
+class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None          # the running SegmentJob
+        self._jobTargets = None   # (volume node, output segmentation node or None, show saliency)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(200)
+        self._timer.connect("timeout()", self._pollJob)
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CLISCSegment.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = CLISCSegmentLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.exportSegNrrdButton.connect("clicked(bool)", self.onExportSegNrrd)
+        self.ui.exportLabelmapButton.connect("clicked(bool)", self.onExportLabelmap)
+        self.ui.exportDicomSegButton.connect("clicked(bool)", self.onExportDicomSeg)
+        self.ui.progressBar.hide()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self._job:
+            self._job.cancel.cancel()
+        self._timer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._job:
+            self._job.cancel.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+
+    def setParameterNode(self, inputParameterNode: Optional[CLISCSegmentParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
+            self._updateGui()
+
+    def _updateGui(self, caller=None, event=None) -> None:
+        parameters = self._parameterNode
+        onCpu = parameters.device == "cpu" or (parameters.device == "auto" and not self.logic.cudaAvailable())
+        self.ui.cpuWarningLabel.setVisible(onCpu)
+        if self._job:
+            return  # the button is the Cancel button
+        ready = bool(parameters.inputVolume and splitPrompts(parameters.prompts))
+        self.ui.segmentButton.enabled = ready
+        self.ui.segmentButton.toolTip = ("Segment the input volume" if ready
+                                         else "Select an input volume and type a prompt")
+        segmentation = parameters.outputSegmentation
+        for button in (self.ui.exportSegNrrdButton, self.ui.exportLabelmapButton, self.ui.exportDicomSegButton):
+            button.enabled = segmentation is not None
+
+    def log(self, message: str) -> None:
+        self.ui.statusLog.appendPlainText(message)
+        logging.info(message)
+
+    # -- Segment / Cancel
+
+    def onSegmentButton(self) -> None:
+        if self._job:
+            self._job.cancel.cancel()
+            self.log("Cancelling...")
+            return
+        with slicer.util.tryWithErrorDisplay("CLISC could not start the segmentation.", waitCursor=True):
+            parameters = self._parameterNode
+            if not self.ensurePackages():
+                return
+            options = dict(clip=parameters.clip.strip() or None, sam=parameters.sam.strip() or None,
+                           device=parameters.device, preset=parameters.preset,
+                           negativePrompts=splitPrompts(parameters.negativePrompt) or None,
+                           saliency=None if parameters.saliency == "preset" else parameters.saliency,
+                           prompt_type=parameters.promptType, axis=parameters.axis, slices=parameters.slices)
+            if not self.ensureModels(options["clip"], options["sam"]):
+                return
+            prompts = splitPrompts(parameters.prompts)
+            volume = self.logic.volumeFromNode(parameters.inputVolume)
+            self._jobTargets = (parameters.inputVolume, parameters.outputSegmentation, parameters.showSaliency)
+            self._job = SegmentJob(self.logic.run, volume=volume, prompts=prompts, **options)
+            self._job.start()
+            self.log(f"Segmenting {parameters.inputVolume.GetName()}: {'; '.join(prompts)}")
+            self._setRunning(True)
+
+    def _setRunning(self, running: bool) -> None:
+        self.ui.segmentButton.text = "Cancel" if running else "Segment"
+        self.ui.progressBar.setVisible(running)
+        self.ui.progressBar.value = 0
+        if running:
+            self._timer.start()
+        else:
+            self._timer.stop()
+            self._updateGui()
+
+    def _pollJob(self) -> None:
+        job = self._job
+        if job is None:
+            return
+        stage, done, total, message = job.progress
+        self.ui.progressBar.setFormat(f"{stage} {message} %p%")
+        self.ui.progressBar.value = int(100 * done / total) if total else 0
+        if not job.finished:
+            return
+        from clisc.errors import Cancelled, InputError
+
+        self._job = None
+        self._setRunning(False)
+        volumeNode, segmentationNode, showSaliency = self._jobTargets
+        if job.cancel.cancelled or isinstance(job.error, Cancelled):
+            self.log("Cancelled: nothing was added to the scene.")
+        elif job.error is not None:
+            self.log(f"Failed: {job.error}")
+            if not isinstance(job.error, InputError):
+                logging.error("".join(traceback.format_exception(type(job.error), job.error, job.error.__traceback__)))
+            slicer.util.errorDisplay(f"CLISC segmentation failed: {job.error}")
+        elif not slicer.mrmlScene.IsNodePresent(volumeNode):
+            self.log("The input volume was removed during the run: nothing was added.")
+        else:
+            if segmentationNode is not None and not slicer.mrmlScene.IsNodePresent(segmentationNode):
+                segmentationNode = None
+            segmentationNode = self.logic.addSegments(volumeNode, job.result, segmentationNode, showSaliency)
+            self._parameterNode.outputSegmentation = segmentationNode
+            for name, mask in zip(job.result.names, job.result.masks):
+                relevant = job.result.report.get("selected_slices", {}).get(name)
+                note = " (no slice looked relevant: try Slices: all)" if not mask.any() and not relevant else ""
+                self.log(f"  {name}: {int(mask.sum())} voxels{note}")
+            seconds = sum(job.result.report.get("seconds", {}).values())
+            self.log(f"Done in {seconds:.0f} s on {job.result.report.get('device')}: {segmentationNode.GetName()}")
+            count = segmentationNode.GetNumberOfNodeReferences(SALIENCY_REFERENCE)
+            if showSaliency and count:
+                saliencyNode = segmentationNode.GetNthNodeReference(SALIENCY_REFERENCE, count - 1)
+                saliencyNode.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
+                slicer.util.setSliceViewerLayers(foreground=saliencyNode, foregroundOpacity=0.4)
+
+    # -- first use: packages and weights
+
+    def ensurePackages(self) -> bool:
+        """Install missing Python packages (not in testing mode); True when the engine can be imported."""
+        try:
+            import PyTorchUtils
+        except ModuleNotFoundError:
+            raise RuntimeError("CLISC needs the PyTorch extension: install \"PyTorch\" from the Extensions Manager, "
+                               "restart Slicer and try again.") from None
+        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+        missing = self.logic.missingPackages()
+        if torchLogic.torchInstalled() and not missing:
+            return True
+        if slicer.app.testingEnabled():
+            missing = ([] if torchLogic.torchInstalled() else ["torch"]) + missing
+            raise RuntimeError(f"missing Python packages (not installed in testing mode): {', '.join(missing)}")
+        if not torchLogic.torchInstalled():
+            if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.1") is None:
+                return False
+        if missing:
+            if not slicer.util.confirmOkCancelDisplay(
+                    f"CLISC needs these Python packages: {', '.join(missing)}.\n"
+                    "Install them now? It takes a few minutes and needs an internet connection."):
+                return False
+            self.log(f"Installing {', '.join(missing)}...")
+            before = installedVersions()
+            with slicer.util.WaitCursor():
+                slicer.util.pip_install(missing)
+            importlib.invalidate_caches()
+            # pip may have upgraded a package this Slicer session has already imported (numpy, say)
+            after = installedVersions()
+            changed = sorted(name for name in before if after.get(name) != before[name])
+            if changed or self.logic.missingPackages():
+                note = f" ({', '.join(changed)} changed version)" if changed else ""
+                if slicer.util.confirmOkCancelDisplay(f"The packages are installed{note}; Slicer must restart to use "
+                                                      "them. Restart now?"):
+                    slicer.util.restart()
+                return False
+        return True
+
+    def ensureModels(self, clip: Optional[str], sam: Optional[str]) -> bool:
+        """Download the catalogue weights not in the cache yet, with a progress dialog; offer an offline import
+        when the download fails. True when all are installed."""
+        from clisc.errors import Cancelled
+        from clisc.models.cache import import_model
+        from clisc.models.catalogue import get_entry
+        from clisc.models.download import DownloadError
+
+        for name in self.logic.missingModels(clip, sam):
+            entry = get_entry(name)
+            if slicer.app.testingEnabled():
+                raise RuntimeError(f"model weights '{name}' are not installed (not downloaded in testing mode)")
+            if not slicer.util.confirmOkCancelDisplay(
+                    f"CLISC needs the weights '{name}' ({entry.description} Licence: {entry.licence}).\n"
+                    f"Download them now from {entry.homepage}?"):
+                return False
+            try:
+                self._downloadWithDialog(name)
+            except Cancelled:
+                self.log(f"Download of {name} cancelled; it resumes next time.")
+                return False
+            except DownloadError as error:
+                oneFile = len(entry.files) == 1
+                if not slicer.util.confirmOkCancelDisplay(
+                        f"{error}\n\nImport a copy from this computer instead "
+                        f"({'the file ' + entry.files[0].filename if oneFile else 'a folder holding its files'})?"):
+                    return False
+                source = (qt.QFileDialog.getOpenFileName(None, f"Weights file for {name}") if oneFile
+                          else qt.QFileDialog.getExistingDirectory(None, f"Folder with the files of {name}"))
+                if not source:
+                    return False
+                with slicer.util.WaitCursor():
+                    import_model(name, source)
+            self.log(f"Installed the weights {name}.")
+        return True
+
+    def _downloadWithDialog(self, name: str) -> None:
+        from clisc.models.cache import download_model
+        from clisc.progress import CancelToken
+
+        dialog = slicer.util.createProgressDialog(windowTitle="CLISC: downloading weights",
+                                                  labelText=f"Downloading {name}...", maximum=100)
+        cancel = CancelToken()
+
+        def progress(stage, done, total, message=""):
+            dialog.labelText = f"{stage}: {done / 1e6:.0f} of {total / 1e6:.0f} MB" if total else stage
+            dialog.value = int(100 * done / total) if total else 0
+            slicer.app.processEvents()
+            if dialog.wasCanceled:
+                cancel.cancel()
+
+        try:
+            download_model(name, progress=progress, cancel=cancel)
+        finally:
+            dialog.close()
+
+    # -- export
+
+    def onExportSegNrrd(self) -> None:
+        path = qt.QFileDialog.getSaveFileName(None, "Export segmentation", "", "Slicer segmentation (*.seg.nrrd)")
+        if path:
+            with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+                self.logic.exportSegmentation(self._parameterNode.outputSegmentation, path)
+                self.log(f"Wrote {path}")
+
+    def onExportLabelmap(self) -> None:
+        path = qt.QFileDialog.getSaveFileName(None, "Export labelmap", "", "Labelmap (*.nii.gz *.nrrd)")
+        if path:
+            with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
+                self.logic.exportLabelmap(self._parameterNode.outputSegmentation,
+                                          self._parameterNode.inputVolume, path)
+                self.log(f"Wrote {path}")
+
+    def onExportDicomSeg(self) -> None:
+        folder = qt.QFileDialog.getExistingDirectory(None, "Folder for the DICOM SEG file")
+        if folder:
+            with slicer.util.tryWithErrorDisplay("DICOM SEG export failed.", waitCursor=True):
+                self.logic.exportDicomSeg(self._parameterNode.outputSegmentation, folder)
+                self.log(f"Wrote DICOM SEG into {folder}")
+
+
+#
+# SegmentJob
+#
+
+
+class SegmentJob:
+    """Runs ``run(**arguments, progress=..., cancel=...)`` on a worker thread. The main thread polls
+    `progress` and `finished`, then reads `result` or `error`; the worker never touches MRML."""
+
+    def __init__(self, run, **arguments) -> None:
+        from clisc.progress import CancelToken
+
+        self.cancel = CancelToken()
+        self.progress = ("starting", 0, 0, "")  # the latest (stage, done, total, message)
+        self.result = None
+        self.error = None
+        self._thread = threading.Thread(target=self._work, args=(run, arguments), daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def finished(self) -> bool:
+        return self._thread.ident is not None and not self._thread.is_alive()
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        self._thread.join(timeout)
+
+    def _report(self, stage: str, done: int, total: int, message: str = "") -> None:
+        self.progress = (stage, done, total, message)
+
+    def _work(self, run, arguments) -> None:
+        try:
+            self.result = run(**arguments, progress=self._report, cancel=self.cancel)
+        except BaseException as error:  # handed to the main thread, which reports it
+            self.error = error
+
+
+#
+# CLISCSegmentLogic
+#
 
 
 class CLISCSegmentLogic(ScriptedLoadableModuleLogic):
-    pass
+    """Text-prompted segmentation of volume nodes; no GUI needed (see the module docstring)."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._models = {}  # family -> (spec, loaded model): the last CLIP and SAM, kept between runs
+
+    def getParameterNode(self):
+        return CLISCSegmentParameterNode(super().getParameterNode())
+
+    def segment(self, volumeNode, prompts, clip=None, sam=None, device="auto", preset="accurate",
+                negativePrompts=None, segmentationNode=None, showSaliency=False, progress=None, cancel=None,
+                **options):
+        """Segment ``volumeNode`` from text prompts; returns the segmentation node (one segment per prompt).
+
+        Args:
+            volumeNode: a scalar (or RGB) volume node.
+            prompts: a list of prompts, or one text with prompts separated by semicolons.
+            clip, sam: a catalogue name, a local path (as the CLI's --clip/--sam) or an already loaded model;
+                None: the engine's defaults (biomedclip, sam_vit_b).
+            device: auto, cuda or cpu. preset: accurate or fast.
+            negativePrompts: what the target is not (replaces the engine's default negative ensemble).
+            segmentationNode: add the segments to this node (existing segments are kept); None: a new node.
+            showSaliency: also add the saliency maps as volume nodes on the input's grid.
+            progress: called as ``progress(stage, done, total, message)``. cancel: a `clisc.progress.CancelToken`.
+            options: other `clisc.zeroshot.SegmentOptions` fields, e.g. ``slices="all"``, ``axis="axial"``.
+        """
+        volume = self.volumeFromNode(volumeNode)
+        result = self.run(volume, prompts, clip, sam, device, preset, negativePrompts, progress, cancel, **options)
+        return self.addSegments(volumeNode, result, segmentationNode, showSaliency)
+
+    # -- step 1, main thread
+
+    @staticmethod
+    def volumeFromNode(volumeNode):
+        """A `clisc.volume.Volume` holding a copy of the node's voxels (K, J, I) and its IJK→RAS."""
+        from clisc.volume import Volume
+
+        array = slicer.util.arrayFromVolume(volumeNode).copy()
+        if array.ndim == 4:  # an RGB(A) image (a loaded PNG/JPG): the engine reads its grey level
+            array = array[..., :3].mean(axis=-1).astype(np.float32)
+        matrix = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(matrix)
+        return Volume(array, slicer.util.arrayFromVTKMatrix(matrix), volumeNode.GetName())
+
+    # -- step 2, any thread: no MRML
+
+    def run(self, volume, prompts, clip=None, sam=None, device="auto", preset="accurate", negativePrompts=None,
+            progress=None, cancel=None, **options):
+        """The engine on a `Volume`; returns a `clisc.zeroshot.SegmentResult` (masks on the volume's grid)."""
+        from clisc.progress import no_progress
+        from clisc.zeroshot import ZeroShotSegmenter, preset_options
+
+        if isinstance(prompts, str):
+            prompts = splitPrompts(prompts)
+        named = {family: str(spec) if isinstance(spec, (str, os.PathLike)) else None
+                 for family, spec in (("clip", clip), ("sam", sam))}
+        settings = preset_options(preset, device=device, **named, **options,
+                                  negative_prompts=tuple(negativePrompts) if negativePrompts else None)
+        report = progress or no_progress
+        report("loading models", 0, 1, "")
+        clipModel = self.loadModel("clip", settings.clip if clip is None else clip)
+        samModel = self.loadModel("sam", settings.sam if sam is None else sam)
+        report("loading models", 1, 1, "")
+        segmenter = ZeroShotSegmenter(settings, clip=clipModel, sam=samModel)
+        return segmenter.segment(volume, prompts, progress=report, cancel=cancel)
+
+    def loadModel(self, family: str, spec):
+        """A loaded CLIP ("clip") or SAM ("sam") from a catalogue name or path; a loaded model passes through.
+        The last one of each family is kept, so that the next run with the same spec does not reload it."""
+        if not isinstance(spec, (str, os.PathLike)):
+            return spec
+        cached = self._models.get(family)
+        if cached is None or cached[0] != str(spec):
+            from clisc.models.loaders import load_clip, load_sam
+
+            self._models.pop(family, None)  # free the old one before loading the new one
+            self._models[family] = (str(spec), (load_clip if family == "clip" else load_sam)(spec))
+        return self._models[family][1]
+
+    # -- step 3, main thread
+
+    def addSegments(self, volumeNode, result, segmentationNode=None, showSaliency=False):
+        """Write a `SegmentResult` as new segments (named after the prompts, never replacing existing ones)
+        of ``segmentationNode`` or of a new segmentation node placed beside ``volumeNode``; returns the node.
+        If writing fails, the segments and nodes added so far are removed again."""
+        from clisc.writers import SEGMENT_COLORS
+
+        scene = slicer.mrmlScene
+        created = segmentationNode is None
+        if created:
+            segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                                       scene.GenerateUniqueName(f"{volumeNode.GetName()} CLISC"))
+            segmentationNode.CreateDefaultDisplayNodes()
+            self._placeBeside(volumeNode, segmentationNode)
+        if created or not segmentationNode.GetNodeReference(segmentationNode.GetReferenceImageGeometryReferenceRole()):
+            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        segmentation = segmentationNode.GetSegmentation()
+        added, saliencyNodes = [], []
+        try:
+            for n, (mask, prompt) in enumerate(zip(result.masks, result.names)):
+                color = SEGMENT_COLORS[segmentation.GetNumberOfSegments() % len(SEGMENT_COLORS)]
+                segmentId = segmentation.AddEmptySegment("", uniqueSegmentName(segmentation, prompt), color)
+                added.append(segmentId)
+                segment = segmentation.GetSegment(segmentId)
+                segment.SetTag(PROMPT_TAG, prompt)
+                terminology = terminologyEntry(prompt)
+                if terminology:
+                    segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology)
+                slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), segmentationNode, segmentId,
+                                                                  volumeNode)
+                if showSaliency:
+                    saliencyNodes.append(self._addSaliencyVolume(volumeNode, result.saliency[n],
+                                                                 f"{segment.GetName()} saliency"))
+                    segmentationNode.AddNodeReferenceID(SALIENCY_REFERENCE, saliencyNodes[-1].GetID())
+        except Exception:
+            for segmentId in added:
+                segmentation.RemoveSegment(segmentId)
+            for node in saliencyNodes + ([segmentationNode] if created else []):
+                displayNodes = [node.GetNthDisplayNode(n) for n in range(node.GetNumberOfDisplayNodes())]
+                for removed in displayNodes + [node]:
+                    scene.RemoveNode(removed)
+            raise
+        return segmentationNode
+
+    def _addSaliencyVolume(self, volumeNode, saliency, name):
+        """A volume node holding ``saliency`` (K, J, I) on the grid of ``volumeNode``, shown in 0..1."""
+        matrix = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(matrix)
+        node = slicer.util.addVolumeFromArray(saliency.astype(np.float32), matrix,
+                                              slicer.mrmlScene.GenerateUniqueName(name))
+        node.GetDisplayNode().AutoWindowLevelOff()
+        node.GetDisplayNode().SetWindowLevelMinMax(0.0, 1.0)
+        self._placeBeside(volumeNode, node)
+        return node
+
+    @staticmethod
+    def _placeBeside(volumeNode, node) -> None:
+        """Put ``node`` under the parent of ``volumeNode`` in the subject hierarchy (its study, where DICOM SEG
+        export looks) and under the same transform."""
+        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+
+        def item(dataNode):  # Slicer's GUI creates the items of new nodes; headless MRML does not
+            return hierarchy.GetItemByDataNode(dataNode) or hierarchy.CreateItem(hierarchy.GetSceneItemID(), dataNode)
+
+        hierarchy.SetItemParent(item(node), hierarchy.GetItemParent(item(volumeNode)))
+        node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
+
+    # -- first use
+
+    @staticmethod
+    def missingPackages() -> list:
+        """The pip requirements of `REQUIREMENTS` whose packages cannot be imported."""
+        return [requirement for name, requirement in REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
+
+    @staticmethod
+    def missingModels(clip=None, sam=None) -> list:
+        """The catalogue names among ``clip`` and ``sam`` (None: the engine's defaults) not downloaded yet."""
+        from clisc.models.cache import is_installed
+        from clisc.models.catalogue import CATALOGUE
+        from clisc.zeroshot import SegmentOptions
+
+        entries = {entry.name: entry for entry in CATALOGUE}
+        names = [SegmentOptions.clip if clip is None else clip, SegmentOptions.sam if sam is None else sam]
+        return [name for name in names if isinstance(name, str) and name in entries and not is_installed(entries[name])]
+
+    @staticmethod
+    def cudaAvailable() -> bool:
+        try:
+            import torch
+        except ImportError:
+            return False
+        return torch.cuda.is_available()
+
+    # -- export
+
+    @staticmethod
+    def exportSegmentation(segmentationNode, path) -> None:
+        """Write a Slicer segmentation file (.seg.nrrd): segments with names, colours, tags, terminology."""
+        storage = slicer.vtkMRMLSegmentationStorageNode()
+        storage.SetFileName(str(path))
+        if not storage.WriteData(segmentationNode):
+            raise RuntimeError(f"could not write {path}")
+
+    @staticmethod
+    def exportLabelmap(segmentationNode, referenceVolumeNode, path) -> None:
+        """Write the visible segments as one labelmap (.nii.gz, .nrrd) on the reference volume's grid: label n
+        is the n-th segment (1-based; where segments overlap, the later one wins)."""
+        scene = slicer.mrmlScene
+        labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
+        try:
+            if not slicer.modules.segmentations.logic().ExportVisibleSegmentsToLabelmapNode(
+                    segmentationNode, labelmapNode, referenceVolumeNode):
+                raise RuntimeError(f"could not export {segmentationNode.GetName()} as a labelmap")
+            storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
+            storage.SetFileName(str(path))
+            if not storage.WriteData(labelmapNode):
+                raise RuntimeError(f"could not write {path}")
+        finally:
+            displayNode = labelmapNode.GetDisplayNode()
+            if displayNode and displayNode.GetColorNode():
+                scene.RemoveNode(displayNode.GetColorNode())
+            scene.RemoveNode(labelmapNode)
+
+    @staticmethod
+    def exportDicomSeg(segmentationNode, outputFolder) -> None:
+        """Write a DICOM SEG file with Slicer's DICOM segmentation exporter. The segmentation must sit in the
+        study of a volume loaded from DICOM (segment() puts it there)."""
+        try:
+            from DICOMSegmentationPlugin import DICOMSegmentationPluginClass
+        except ImportError:
+            raise RuntimeError(
+                "DICOM SEG export needs Slicer's DICOM segmentation plugin, which the QuantitativeReporting "
+                "extension provides (with DCMQI): install QuantitativeReporting from the Extensions Manager, "
+                "restart Slicer and export again.") from None
+        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
+        exporter = DICOMSegmentationPluginClass()
+        exportables = exporter.examineForExport(hierarchy.GetItemByDataNode(segmentationNode))
+        if not exportables:
+            raise RuntimeError("the segmentation cannot be exported as DICOM SEG: its reference volume must be "
+                               "loaded from DICOM (DICOM module) and the segmentation must sit in its study")
+        for exportable in exportables:
+            exportable.directory = str(outputFolder)
+        error = exporter.export(exportables)
+        if error:
+            raise RuntimeError(error)
+
+
+#
+# CLISCSegmentTest
+#
+
+
+class CLISCSegmentTest(ScriptedLoadableModuleTest):
+    """In-Slicer self-test: segments a small synthetic volume with tiny models of the real architectures and
+    random weights. That shows the mechanics (MRML in and out, names, tags, geometry), not accuracy."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_segment_synthetic_volume()
+
+    def test_segment_synthetic_volume(self):
+        import tempfile
+
+        from clisc.models.loaders import load_clip
+        from clisc.models.random_weights import (
+            TINY_CLIP_CONFIG,
+            save_random_clip,
+            tiny_sam,
+        )
+
+        self.delayDisplay("Building tiny CLIP and SAM models with random weights")
+        with tempfile.TemporaryDirectory() as folder:
+            clip = load_clip(save_random_clip(os.path.join(folder, "clip"), TINY_CLIP_CONFIG))
+            sam = tiny_sam()
+            k, j, i = np.mgrid[:2, :96, :96]
+            ball = (2 * (k - 1)) ** 2 + (j - 40) ** 2 + (i - 50) ** 2 < 300
+            array = (ball * 100 + np.random.default_rng(0).normal(0, 5, ball.shape)).astype(np.float32)
+            volumeNode = slicer.util.addVolumeFromArray(array, np.diag([0.8, 0.8, 3.0, 1.0]), "CLISC test volume")
+
+            self.delayDisplay("Segmenting")
+            logic = CLISCSegmentLogic()
+            prompts = ["tumor", "liver"]
+            segmentationNode = logic.segment(volumeNode, prompts, clip=clip, sam=sam, device="cpu", preset="fast",
+                                             saliency="gradcam", slices="all", showSaliency=True)
+            segmentation = segmentationNode.GetSegmentation()
+            self.assertEqual(segmentation.GetNumberOfSegments(), 2)
+            for index, prompt in enumerate(prompts):
+                segment = segmentation.GetNthSegment(index)
+                self.assertEqual(segment.GetName(), prompt)
+                tag = vtk.reference("")
+                self.assertTrue(segment.GetTag(PROMPT_TAG, tag))
+                self.assertEqual(str(tag), prompt)
+                labelmap = slicer.util.arrayFromSegmentBinaryLabelmap(
+                    segmentationNode, segmentation.GetNthSegmentID(index), volumeNode)
+                self.assertEqual(labelmap.shape, array.shape)
+            self.assertEqual(segmentationNode.GetNumberOfNodeReferences(SALIENCY_REFERENCE), 2)
+        self.delayDisplay("Test passed")

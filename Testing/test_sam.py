@@ -14,7 +14,6 @@ from clisc.prompts import SamPrompt
 from clisc.sam import SliceSegmenter
 from clisc.torchvision_compat import import_torchvision
 
-
 ALL_BLOBS = 10**6  # keep every blob of the (noisy, random-weight) masks
 
 

@@ -33,6 +33,7 @@ from clisc.zeroshot import (
 
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
+    """Tiny CLIP and SAM; the mechanics tests use GradCAM (the cheapest) unless the method is the point."""
     folder = save_random_clip(tmp_path_factory.mktemp("clip") / "tiny", TINY_CLIP_CONFIG)
     return load_clip(folder), tiny_sam()
 
@@ -139,7 +140,7 @@ def brats_crop() -> Volume:
 @pytest.mark.parametrize("saliency, prompt_type", [("gradcam", "box"), ("gscorecam", "points"), ("m2ib", "both")])
 def test_end_to_end_with_tiny_real_models(tiny_models, saliency, prompt_type):
     options = preset_options("fast", saliency=saliency, prompt_type=prompt_type, slices="all",
-                             saliency_options={"steps": 2, "samples": 2, "layer": 2} if saliency == "m2ib" else {})
+                             saliency_options={"steps": 2, "samples": 2} if saliency == "m2ib" else {})
     segmenter = ZeroShotSegmenter(options, *tiny_models)
     volume = brats_crop()
     stages = []
@@ -161,25 +162,25 @@ def test_auto_slices_come_from_clip_relevance(tiny_models):
     """With random weights relevance is arbitrary; what must hold is that only slices CLIP called relevant
     (after smoothing) get saliency and prompts, and that the scores are reported per slice."""
     volume = brats_crop()
-    options = preset_options("fast", slices="auto", relevance_threshold=0.0)
+    options = preset_options("fast", saliency="gradcam", slices="auto", relevance_threshold=0.0)
     result = ZeroShotSegmenter(options, *tiny_models).segment(volume, ["brain tumor"])
     scores = result.report["relevance"]["brain tumor"]
     assert len(scores) == 4 and all(0 < s < 1 for s in scores)
     assert result.report["selected_slices"]["brain tumor"] == [0, 1, 2, 3]
-    none = preset_options("fast", slices="auto", relevance_threshold=1.01)
+    none = preset_options("fast", saliency="gradcam", slices="auto", relevance_threshold=1.01)
     empty = ZeroShotSegmenter(none, *tiny_models).segment(volume, ["brain tumor"])
     assert not empty.masks[0].any() and empty.report["slices_embedded"] == 0
 
 
 def test_png_image_and_one_slice_volume(tiny_models):
     volume = read_volume(shared_data("busi/malignant/malignant (1).png"))
-    result = ZeroShotSegmenter(preset_options("fast", slices="all"), *tiny_models).segment(volume, ["tumor"])
+    result = ZeroShotSegmenter(preset_options("fast", saliency="gradcam", slices="all"), *tiny_models).segment(volume, ["tumor"])
     assert result.masks[0].shape == volume.array.shape and volume.array.shape[0] == 1
     assert result.report["axis"] == 0 and result.report["slices_embedded"] == 1
 
 
 def test_blank_or_non_finite_volume_gives_empty_segments_with_a_warning(tiny_models, caplog):
-    segmenter = ZeroShotSegmenter(preset_options("fast", slices="all"), *tiny_models)
+    segmenter = ZeroShotSegmenter(preset_options("fast", saliency="gradcam", slices="all"), *tiny_models)
     zeros = Volume(np.zeros((3, 32, 32), np.float32), np.eye(4))
     result = segmenter.segment(zeros, ["brain tumor"])
     assert not result.masks[0].any() and "no slice has any contrast" in caplog.text
@@ -192,7 +193,7 @@ def test_blank_or_non_finite_volume_gives_empty_segments_with_a_warning(tiny_mod
 
 
 def test_cancel_between_slices(tiny_models):
-    segmenter = ZeroShotSegmenter(preset_options("fast", slices="all"), *tiny_models)
+    segmenter = ZeroShotSegmenter(preset_options("fast", saliency="gradcam", slices="all"), *tiny_models)
     token = CancelToken()
 
     def cancel_after_first(stage, done, total, message):
@@ -214,6 +215,14 @@ def test_non_ascii_and_spaced_prompts_are_kept(tiny_models):
     clip, _ = tiny_models
     tokens = clip.tokenizer(["tumeur cérébrale", "脑肿瘤"])
     assert (tokens.count_nonzero(dim=1) > 2).all()
+
+
+def test_preset_saliency_settings_do_not_leak_into_another_method():
+    assert preset_options("fast").saliency_options == {"steps": 10, "samples": 10}
+    assert preset_options("fast", saliency="gradcam").saliency_options == {}
+    assert preset_options("fast", saliency="m2ib", saliency_options={"beta": 2.0}).saliency_options == {"beta": 2.0}
+    with pytest.raises(InputError, match="preset"):
+        preset_options("slow")
 
 
 def test_anatomical_axes_follow_ijk_to_ras():

@@ -19,7 +19,7 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # A small CLIP with the real open_clip classes: ViT image tower, transformer text tower, OpenAI BPE tokenizer.
 TINY_CLIP_CONFIG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 224, "layers": 4, "width": 64, "head_width": 32, "patch_size": 16},
+    "vision_cfg": {"image_size": 224, "layers": 12, "width": 64, "head_width": 32, "patch_size": 16},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 

@@ -1,0 +1,384 @@
+"""The CLISCSegment Slicer module on real MRML (slicer-core), with stand-ins for Slicer's Qt side only.
+
+The Logic runs the engine with tiny CLIP and SAM models of the real classes and random weights, so these tests
+show the adapter's mechanics: the segments written into MRML hold, voxel for voxel, the masks the engine computes
+for the same array (whatever the IJK→RAS), with the right names, colours, tags, terminology, hierarchy and
+reference geometry; existing segments are kept; a cancelled run leaves the scene as it was. They cannot show that
+the prompts find anything (that needs pretrained weights). The widget needs real Slicer; here the module file's
+.ui and CMake lists are checked as text, and the in-Slicer self-test runs on the headless MRML.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import typing
+from pathlib import Path
+from types import SimpleNamespace
+from xml.etree import ElementTree
+
+import numpy as np
+import pytest
+from conftest import shared_data
+
+from clisc.errors import Cancelled
+from clisc.models.loaders import load_clip
+from clisc.models.random_weights import TINY_CLIP_CONFIG, save_random_clip, tiny_sam
+from clisc.readers import read_volume
+from clisc.volume import Volume
+from clisc.zeroshot import SegmentResult, ZeroShotSegmenter, preset_options
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULE_DIR = ROOT / "CLISCSegment"
+MODULE_FILE = MODULE_DIR / "CLISCSegment.py"
+UI_FILE = MODULE_DIR / "Resources" / "UI" / "CLISCSegment.ui"
+# The same run for the module and for the engine: cheap saliency, every slice, CPU.
+RUN = dict(preset="fast", device="cpu", saliency="gradcam", slices="all")
+
+
+def oblique_ijk_to_ras(degrees=30.0, spacing=(0.9, 1.1, 2.5), flip=(1, 1, 1)) -> np.ndarray:
+    """IJK→RAS rotated about R then S by ``degrees``, with the given spacing and axis flips."""
+    a = np.radians(degrees)
+    about_r = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    about_s = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    matrix = np.eye(4)
+    matrix[:3, :3] = about_s @ about_r @ np.diag(np.multiply(spacing, flip))
+    matrix[:3, 3] = (-40.0, 25.5, 60.0)
+    return matrix
+
+
+def synthetic_array(shape=(2, 96, 96)) -> np.ndarray:
+    """A bright ellipsoid in noise, (K, J, I) float32 (the tiny random SAM draws nothing on 64-pixel slices)."""
+    k, j, i = np.indices(shape)
+    blob = (2 * (k - shape[0] // 2)) ** 2 + (j - 40) ** 2 + ((i - 50) / 1.5) ** 2 < 300
+    return (blob * 100 + np.random.default_rng(0).normal(0, 5, shape)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def module():
+    """The CLISCSegment module file, imported with the stand-ins, on a started MRML application."""
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("slicer-core (the MRML layer) is not installed; `pip install slicer-core vtk==9.6.2`")
+    import slicer_stubs
+
+    slicer_stubs.install()
+    slicer_stubs.start_mrml()
+    sys.path.insert(0, str(MODULE_DIR))
+    try:
+        import CLISCSegment
+    finally:
+        sys.path.remove(str(MODULE_DIR))
+    return CLISCSegment
+
+
+@pytest.fixture
+def scene(module):
+    import slicer
+
+    slicer.mrmlScene.Clear()
+    return slicer.mrmlScene
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    folder = save_random_clip(tmp_path_factory.mktemp("clip") / "tiny", TINY_CLIP_CONFIG)
+    return load_clip(folder), tiny_sam()
+
+
+def add_volume(array: np.ndarray, ijk_to_ras: np.ndarray, name: str = "volume"):
+    import slicer
+
+    return slicer.util.addVolumeFromArray(array, ijk_to_ras, name)
+
+
+def segments(segmentationNode) -> list:
+    segmentation = segmentationNode.GetSegmentation()
+    return [segmentation.GetNthSegment(n) for n in range(segmentation.GetNumberOfSegments())]
+
+
+def tag(segment, name: str):
+    """The value of a segment tag, None if the segment has no such tag."""
+    import vtk
+
+    value = vtk.reference("")
+    return str(value) if segment.GetTag(name, value) else None
+
+
+def data_nodes(scene) -> list:
+    import slicer
+
+    return [node.GetID() for node in slicer.util.getNodesByClass("vtkMRMLDisplayableNode", scene)]
+
+
+def segment_masks(segmentationNode, volumeNode) -> list:
+    """Each segment's binary labelmap on the grid of ``volumeNode``, (K, J, I) bool."""
+    import slicer
+
+    segmentation = segmentationNode.GetSegmentation()
+    ids = [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+    return [slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, i, volumeNode) > 0 for i in ids]
+
+
+def engine_result(volume: Volume, prompts, models) -> SegmentResult:
+    """The engine run directly, with the options the tests pass to the Logic."""
+    options = preset_options(RUN["preset"], device=RUN["device"], saliency=RUN["saliency"], slices=RUN["slices"])
+    return ZeroShotSegmenter(options, *models).segment(volume, prompts)
+
+
+def check_matches_engine(module, array, ijk_to_ras, prompts, models):
+    volumeNode = add_volume(array, ijk_to_ras)
+    clip, sam = models
+    segmentationNode = module.CLISCSegmentLogic().segment(volumeNode, prompts, clip=clip, sam=sam, **RUN)
+    expected = engine_result(Volume(array, ijk_to_ras), prompts, models).masks
+    for mask in expected:  # a mask that is empty or full would make the comparison say little
+        assert 0 < mask.sum() < mask.size
+    written = segment_masks(segmentationNode, volumeNode)
+    assert len(written) == len(prompts)
+    for mask, reference in zip(written, expected):
+        assert mask.shape == array.shape
+        assert np.array_equal(mask, reference)
+    return volumeNode, segmentationNode
+
+
+def test_module_file_imports_with_the_stand_ins(module):
+    parent = SimpleNamespace()
+    module.CLISCSegment(parent)
+    assert parent.title == "CLISC Segment" and parent.categories == ["Segmentation"]
+    for name in ("CLISCSegmentWidget", "CLISCSegmentLogic", "CLISCSegmentTest", "CLISCSegmentParameterNode"):
+        assert hasattr(module, name)
+
+
+@pytest.mark.parametrize("geometry, prompts", [("file", ["brain tumor", "edema"]), ("flipped", ["brain tumor"]),
+                                               ("oblique", ["brain tumor"])])
+def test_segments_match_the_engine_voxel_for_voxel_brats(module, scene, tiny_models, geometry, prompts):
+    volume = read_volume(shared_data("brats2015/pat0001/flair.nii.gz"))
+    array = np.ascontiguousarray(volume.array[70:72])  # two tumour slices
+    ijk_to_ras = {"file": volume.ijk_to_ras, "flipped": volume.ijk_to_ras @ np.diag([-1.0, 1.0, -1.0, 1.0]),
+                  "oblique": oblique_ijk_to_ras(flip=(-1, 1, 1))}[geometry]
+    volumeNode, segmentationNode = check_matches_engine(module, array, ijk_to_ras, prompts, tiny_models)
+    reference = segmentationNode.GetNodeReference(segmentationNode.GetReferenceImageGeometryReferenceRole())
+    assert reference is volumeNode
+
+
+def test_segments_match_the_engine_on_an_oblique_flipped_synthetic_volume(module, scene, tiny_models):
+    check_matches_engine(module, synthetic_array(), oblique_ijk_to_ras(flip=(1, -1, -1)), ["tumor"], tiny_models)
+
+
+def test_names_colours_tags_terminology_hierarchy_and_saliency(module, scene, tiny_models):
+    import slicer
+
+    array, ijk_to_ras = synthetic_array(), oblique_ijk_to_ras()
+    volumeNode = add_volume(array, ijk_to_ras)
+    hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(scene)
+    study = hierarchy.CreateStudyItem(hierarchy.CreateSubjectItem(hierarchy.GetSceneItemID(), "patient"), "study")
+    hierarchy.CreateItem(study, volumeNode)
+    prompts = ["left lung", "brain tumor", "banana", "banana"]
+    clip, sam = tiny_models
+    segmentationNode = module.CLISCSegmentLogic().segment(volumeNode, prompts, clip=clip, sam=sam,
+                                                          showSaliency=True, **RUN)
+
+    found = segments(segmentationNode)
+    assert [s.GetName() for s in found] == ["left lung", "brain tumor", "banana", "banana 2"]
+    assert [tag(s, module.PROMPT_TAG) for s in found] == prompts
+    assert len({tuple(np.round(s.GetColor(), 3)) for s in found}) == 4
+    terminology = [tag(s, slicer.vtkSegment.GetTerminologyEntryTagName()) for s in found]
+    assert "SCT^39607008^Lung~SCT^7771000^Left" in terminology[0]
+    assert "SCT^4147007^Mass" in terminology[1] and "SCT^12738006^Brain" in terminology[1]
+    assert "123037004" not in terminology[2] and "49755003" not in terminology[2]  # Slicer's default entry
+    assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(segmentationNode)) == study
+
+    saliency = [segmentationNode.GetNthNodeReference(module.SALIENCY_REFERENCE, n) for n in range(len(prompts))]
+    expected = engine_result(Volume(array, ijk_to_ras), prompts, tiny_models).saliency
+    for node, reference, segment in zip(saliency, expected, found):
+        assert node.GetName() == f"{segment.GetName()} saliency"
+        assert np.allclose(slicer.util.arrayFromVolume(node), reference)
+        assert np.allclose(module.CLISCSegmentLogic.volumeFromNode(node).ijk_to_ras, ijk_to_ras)
+        assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study
+
+
+def test_adding_to_an_existing_segmentation_keeps_its_segments(module, scene, tiny_models):
+    import slicer
+
+    array = synthetic_array()
+    volumeNode = add_volume(array, np.diag([0.8, 0.8, 3.0, 1.0]))
+    existing = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "manual")
+    existing.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    manual = np.zeros(array.shape, np.uint8)
+    manual[1, 10:20, 5:25] = 1  # a segment drawn by hand
+    segmentId = existing.GetSegmentation().AddEmptySegment("", "tumor", (0.1, 0.2, 0.3))
+    slicer.util.updateSegmentBinaryLabelmapFromArray(manual, existing, segmentId, volumeNode)
+
+    clip, sam = tiny_models
+    logic = module.CLISCSegmentLogic()
+    returned = logic.segment(volumeNode, "tumor", clip=clip, sam=sam, segmentationNode=existing, **RUN)
+
+    assert returned is existing
+    assert len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")) == 1
+    found = segments(existing)
+    assert [s.GetName() for s in found] == ["tumor", "tumor 2"]
+    assert np.allclose(found[0].GetColor(), (0.1, 0.2, 0.3))
+    assert tag(found[0], module.PROMPT_TAG) is None  # the prompt tag is only on what CLISC made
+    masks = segment_masks(existing, volumeNode)
+    assert np.array_equal(masks[0], manual > 0)
+    expected = engine_result(Volume(array, np.diag([0.8, 0.8, 3.0, 1.0])), ["tumor"], tiny_models).masks
+    assert np.array_equal(masks[1], expected[0])
+
+
+def test_a_failed_write_removes_what_it_added(module, scene, monkeypatch):
+    import slicer
+
+    array = synthetic_array()
+    volumeNode = add_volume(array, np.eye(4))
+    masks = [array > 50, array > 60]
+    result = SegmentResult(masks, ["a", "b"], [np.zeros(array.shape, np.float32)] * 2, {})
+    existing = module.CLISCSegmentLogic().addSegments(volumeNode, SegmentResult(masks[:1], ["kept"], [], {}))
+    write = slicer.util.updateSegmentBinaryLabelmapFromArray
+    calls = []
+
+    def fail_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        write(*args, **kwargs)
+
+    monkeypatch.setattr(slicer.util, "updateSegmentBinaryLabelmapFromArray", fail_second)
+    nodes = data_nodes(scene)
+    with pytest.raises(RuntimeError, match="disk full"):
+        module.CLISCSegmentLogic().addSegments(volumeNode, result, showSaliency=True)
+    assert data_nodes(scene) == nodes  # the new segmentation and saliency volume are gone
+    calls.clear()
+    with pytest.raises(RuntimeError, match="disk full"):
+        module.CLISCSegmentLogic().addSegments(volumeNode, result, existing)
+    assert [s.GetName() for s in segments(existing)] == ["kept"]
+
+
+def test_worker_job_gives_the_same_result_and_cancel_leaves_the_scene_as_it_was(module, scene, tiny_models):
+    array = synthetic_array()
+    logic = module.CLISCSegmentLogic()
+    clip, sam = tiny_models
+    volume = logic.volumeFromNode(add_volume(array, np.eye(4)))
+    job = module.SegmentJob(logic.run, volume=volume, prompts=["tumor"], clip=clip, sam=sam, **RUN)
+    assert not job.finished
+    job.start()
+    job.wait(120)
+    assert job.finished and job.error is None
+    assert np.array_equal(job.result.masks[0], engine_result(volume, ["tumor"], tiny_models).masks[0])
+    assert job.progress[0] == "SAM" and job.progress[1] == job.progress[2]
+
+    nodes = data_nodes(scene)
+    cancelled = module.SegmentJob(logic.run, volume=volume, prompts=["tumor"], clip=clip, sam=sam, **RUN)
+    cancelled.cancel.cancel()
+    cancelled.start()
+    cancelled.wait(120)
+    assert isinstance(cancelled.error, Cancelled) and cancelled.result is None
+    assert data_nodes(scene) == nodes
+
+
+def test_models_by_path_are_loaded_once_and_missing_weights_are_named(module, tmp_path, clisc_home):
+    logic = module.CLISCSegmentLogic()
+    first = save_random_clip(tmp_path / "a", TINY_CLIP_CONFIG)
+    second = save_random_clip(tmp_path / "b", TINY_CLIP_CONFIG, seed=1)
+    model = logic.loadModel("clip", first)
+    assert logic.loadModel("clip", str(first)) is model
+    assert logic.loadModel("clip", second) is not model
+    assert logic.loadModel("sam", model) is model  # a loaded model passes through
+
+    assert logic.missingModels() == ["biomedclip", "sam_vit_b"]
+    assert logic.missingModels(clip="clip_vit_b16", sam=str(tmp_path)) == ["clip_vit_b16"]
+    assert logic.missingPackages() == []
+
+
+def test_prompt_splitting_and_terminology(module):
+    assert module.splitPrompts(" brain tumor ; ;edema;") == ["brain tumor", "edema"]
+    assert module.terminologyEntry("Left lungs") == (
+        "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
+        "~SCT^39607008^Lung~SCT^7771000^Left~Anatomic codes - DICOM master list~^^~^^")
+    assert module.terminologyEntry("right kidney tumors") == (
+        "Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^Morphologically Altered "
+        "Structure~SCT^4147007^Mass~^^~Anatomic codes - DICOM master list~SCT^64033007^Kidney~SCT^24028007^Right")
+    assert "~SCT^12738006^Brain~^^~" in module.terminologyEntry("left brain")  # no laterality for the brain
+    assert module.terminologyEntry("the thing on the left") is None
+
+
+def test_exports_seg_nrrd_labelmap_and_explains_dicom_seg(module, scene, tmp_path):
+    import slicer
+    import slicerio
+
+    array, ijk_to_ras = synthetic_array(), oblique_ijk_to_ras(flip=(1, 1, -1))
+    volumeNode = add_volume(array, ijk_to_ras)
+    masks = [array > 50, (array > 20) & (array < 60)]
+    logic = module.CLISCSegmentLogic()
+    segmentationNode = logic.addSegments(volumeNode, SegmentResult(masks, ["liver", "x"], [], {}))
+
+    logic.exportSegmentation(segmentationNode, tmp_path / "out.seg.nrrd")
+    saved = slicerio.read_segmentation(str(tmp_path / "out.seg.nrrd"), skip_voxels=True)
+    assert [s["name"] for s in saved["segments"]] == ["liver", "x"]
+    assert saved["segments"][0]["tags"][module.PROMPT_TAG] == "liver"
+    assert saved["segments"][0]["terminology"]["type"] == ["SCT", "10200004", "Liver"]
+    loaded = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+    storage = slicer.vtkMRMLSegmentationStorageNode()
+    storage.SetFileName(str(tmp_path / "out.seg.nrrd"))
+    assert storage.ReadData(loaded)
+    assert all(np.array_equal(a, b) for a, b in zip(segment_masks(loaded, volumeNode), masks))
+
+    logic.exportLabelmap(segmentationNode, volumeNode, tmp_path / "labels.nii.gz")
+    labels = read_volume(tmp_path / "labels.nii.gz")
+    assert np.allclose(labels.ijk_to_ras, ijk_to_ras, atol=1e-4)
+    assert np.array_equal(labels.array == 1, masks[0] & ~masks[1])
+    assert np.array_equal(labels.array == 2, masks[1])
+
+    with pytest.raises(RuntimeError, match="QuantitativeReporting"):
+        logic.exportDicomSeg(segmentationNode, tmp_path)
+
+
+def test_in_slicer_self_test_runs_on_headless_mrml(module, scene):
+    module.CLISCSegmentTest().runTest()
+
+
+def test_every_ui_widget_the_code_uses_exists_and_parameters_match_the_ui(module):
+    import slicer
+
+    tree = ElementTree.parse(UI_FILE)
+    widgets = {w.get("name"): w for w in tree.iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
+    assert used and used <= set(widgets), f"not in the .ui: {sorted(used - set(widgets))}"
+
+    bound = {}  # parameter name -> widget
+    for widget in widgets.values():
+        for prop in widget.findall("property"):
+            if prop.get("name") == "SlicerParameterName":
+                bound[prop.find("string").text] = widget
+    hints = typing.get_type_hints(module.CLISCSegmentParameterNode, include_extras=True)
+    assert set(bound) == set(hints)
+    for parameter, widget in bound.items():
+        hint, widget_class = hints[parameter], widget.get("class")
+        if widget_class == "qMRMLNodeComboBox":  # the wrapper sets the selector's node types from the annotation
+            node_types = {t.__name__ for t in (typing.get_args(hint) or (hint,))}
+            assert node_types == {s.text for s in widget.iter("string") if s.text.startswith("vtkMRML")}, parameter
+            assert all(issubclass(getattr(slicer, t), slicer.vtkMRMLNode) for t in node_types)
+            continue
+        if widget_class == "QComboBox":  # the wrapper fills combo boxes from a Choice annotation
+            assert any(isinstance(a, module.Choice) for a in getattr(hint, "__metadata__", ())), parameter
+        value_type = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+        assert value_type is {"QLineEdit": str, "QCheckBox": bool, "QComboBox": str}[widget_class], parameter
+
+
+def cmake_list(path: Path, variable: str) -> list:
+    text = path.read_text(encoding="utf-8")
+    match = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
+    return [line.strip().replace("${MODULE_NAME}", "CLISCSegment") for line in match.group(1).split()
+            if not line.strip().startswith("#")]
+
+
+def test_cmake_lists_install_every_python_file_and_resource():
+    engine = cmake_list(ROOT / "CMakeLists.txt", "CLISC_ENGINE_SCRIPTS")
+    on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "clisc").rglob("*.py") if "__pycache__" not in p.parts}
+    assert set(engine) == on_disk, f"not listed: {sorted(on_disk - set(engine))}; gone: {sorted(set(engine) - on_disk)}"
+
+    scripts = cmake_list(MODULE_DIR / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS")
+    python_files = {str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.rglob("*.py") if "__pycache__" not in p.parts}
+    assert set(scripts) == python_files
+    resources = cmake_list(MODULE_DIR / "CMakeLists.txt", "MODULE_PYTHON_RESOURCES")
+    on_disk = {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()}
+    assert set(resources) == on_disk
+    assert "add_subdirectory(CLISCSegment)" in (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
