@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Callable, List, Optional
+from pathlib import Path
+from typing import List, Optional
 
 from . import __version__
 from .errors import Cancelled, InputError
@@ -57,26 +58,34 @@ def _models_path(args: argparse.Namespace) -> None:
     print(model_path(args.name) if args.name else clisc_home() / "models")
 
 
+def _check_outputs(source: str, outputs: List[Optional[str]], overwrite: bool) -> None:
+    """Refuse outputs that would overwrite the input, or an existing file without --overwrite."""
+    for path in (Path(p) for p in outputs if p):
+        if path.resolve() == Path(source).resolve():
+            raise InputError(f"{path}: the output would overwrite the input; choose another name")
+        if path.exists() and not overwrite:
+            raise InputError(f"{path} exists; choose another name or pass --overwrite")
+        if not path.parent.is_dir():
+            raise InputError(f"{path}: the folder {path.parent} does not exist")
+
+
 def _segment(args: argparse.Namespace) -> None:
     import json
-    from pathlib import Path
 
     from .models.loaders import describe_model
     from .progress import TqdmProgress
     from .readers import read_volume
     from .writers import output_kind, write_masks, write_volume
-    from .zeroshot import ZeroShotSegmenter, check_options, check_prompts, preset_options
+    from .zeroshot import (
+        ZeroShotSegmenter,
+        check_options,
+        check_prompts,
+        preset_options,
+    )
 
     prompts = check_prompts(args.prompt)
-    outputs = [Path(p) for p in (args.output, args.saliency_out, args.report) if p]
     output_kind(args.output)
-    for path in outputs:
-        if path.resolve() == Path(args.input).resolve():
-            raise InputError(f"{path}: the output would overwrite the input; choose another name")
-        if path.exists() and not args.overwrite:
-            raise InputError(f"{path} exists; choose another name or pass --overwrite")
-        if not path.parent.is_dir():
-            raise InputError(f"{path}: the folder {path.parent} does not exist")
+    _check_outputs(args.input, [args.output, args.saliency_out, args.report], args.overwrite)
     options = preset_options(
         args.preset, clip=args.clip, sam=args.sam, saliency=args.saliency, prompt_type=args.prompt_type,
         axis=args.axis, device=args.device, slices=args.slices, seed=args.seed,
@@ -114,12 +123,48 @@ def _numbered(path, index: int, count: int):
     return path.with_name(f"{name[:-len(suffix)]}_{index + 1}{suffix}")
 
 
-def _not_implemented(command: str) -> Callable[[argparse.Namespace], None]:
-    def run(args: argparse.Namespace) -> None:
-        print(f"clisc {command}: not implemented yet", file=sys.stderr)
-        raise SystemExit(1)
+def _train(args: argparse.Namespace) -> None:
+    import json
 
-    return run
+    from .cohort.run import CohortOptions, run_cohort
+    from .progress import TqdmProgress
+
+    options = CohortOptions(**{name: value for name, value in vars(args).items()
+                               if name in CohortOptions.__dataclass_fields__ and value is not None})
+    if args.classifier_weights == "none":
+        options.classifier_weights = None
+    events = (lambda event: print(json.dumps(event), flush=True)) if args.json_progress else None
+    progress = TqdmProgress(disable=args.json_progress)
+    try:
+        summary = run_cohort(args.cohort, args.prompt, args.out, options, progress=progress, events=events,
+                             resume=args.resume)
+    finally:
+        progress.close()
+    if args.json_progress:
+        print(json.dumps({"stage": "finished", **summary}), flush=True)
+    else:
+        print(f"{summary['loaded']} of {summary['cases']} case(s) loaded, {len(summary['skipped'])} skipped; "
+              f"model: {summary['model']}")
+        if "mean_dice" in summary:
+            print(f"mean Dice {summary['mean_dice']:.4f}, mean HD95 {summary['mean_hd95_mm']:.2f} mm "
+                  f"(see {args.out}/metrics.json)")
+
+
+def _apply(args: argparse.Namespace) -> None:
+    import json
+
+    from .cohort.run import apply_run
+    from .readers import read_volume
+    from .writers import output_kind, write_masks
+
+    output_kind(args.output)
+    _check_outputs(args.input, [args.output], args.overwrite)
+    volume = read_volume(args.input)
+    mask = apply_run(args.run_dir, volume, args.device)
+    prompt = json.loads((Path(args.run_dir) / "config.json").read_text())["prompt"]
+    write_masks(args.output, [mask], [prompt], volume)
+    print(f"{prompt}: {int(mask.sum())} voxels")
+    print(f"wrote {args.output}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,10 +199,46 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--series", metavar="UID", help="DICOM series to read from a folder holding several")
     segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
     segment.set_defaults(run=_segment)
-    train = commands.add_parser("train", help="pseudo-label a cohort and self-train a 3D U-Net (CLISC)")
-    train.set_defaults(run=_not_implemented("train"))
+    train = commands.add_parser(
+        "train", help="pseudo-label a cohort and self-train a 3D U-Net (CLISC); runs under torchrun too")
+    train.add_argument("cohort", help="folder of volumes, folder of DICOM series folders, or CSV/text list of paths")
+    train.add_argument("--prompt", required=True, metavar="TEXT", help="the target, e.g. \"brain tumor\"")
+    train.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for every stage's output")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run in RUN_DIR")
+    train.add_argument("--labels", metavar="DIR_OR_CSV",
+                       help="evaluation only (never used for training): folder of CASE_ID.nii.gz labelmaps or a "
+                            "CSV with columns case_id,label; foreground = label > 0")
+    train.add_argument("--normal-prompt", metavar="TEXT", help="CLIP's 'normal slice' text (default: derived)")
+    train.add_argument("--abnormal-prompt", metavar="TEXT", help="CLIP's 'abnormal slice' text (default: derived)")
+    train.add_argument("--clip", metavar="NAME|DIR", help="CLIP (default clip_vit_b32, the paper's)")
+    train.add_argument("--sam", metavar="NAME|FILE", help="SAM (default sam_vit_b)")
+    train.add_argument("--classifier-weights", metavar="NAME|FILE|none",
+                       help="ResNet-50 start weights (default resnet50_imagenet; none: random)")
+    train.add_argument("--clip-threshold", type=float, metavar="F",
+                       help="CLIP confidence to label a slice (default 0.6)")
+    train.add_argument("--classifier-epochs", type=int, metavar="N", help="slice classifier epochs (default 20)")
+    train.add_argument("--classifier-image-size", type=int, metavar="N",
+                       help="classifier input side in pixels (default 224)")
+    train.add_argument("--classifier-batch-size", type=int, metavar="N", help="classifier batch (default 8)")
+    train.add_argument("--cam-threshold", choices=["otsu", "kmeans"], help="label-free CAM binarisation")
+    train.add_argument("--unet-epochs", type=int, metavar="N", help="U-Net epochs per round (default 400)")
+    train.add_argument("--patch-size", type=int, metavar="N", help="U-Net patch side, a multiple of 16 (default 128)")
+    train.add_argument("--batch-size", type=int, metavar="N", help="U-Net patches per step, per process (default 2)")
+    train.add_argument("--s3f-rounds", type=int, metavar="N", help="S3F self-training rounds (default 1; 0: none)")
+    train.add_argument("--s3f-keep", type=float, metavar="F", help="fraction of cases S3F keeps (default 0.8)")
+    train.add_argument("--sam-precision", choices=["float32", "bfloat16", "float16"])
+    train.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    train.add_argument("--seed", type=int)
+    train.add_argument("--json-progress", action="store_true",
+                       help="print progress as one JSON object per line on stdout instead of progress bars")
+    train.set_defaults(run=_train)
     apply = commands.add_parser("apply", help="segment a volume with a trained CLISC run")
-    apply.set_defaults(run=_not_implemented("apply"))
+    apply.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a finished `clisc train`")
+    apply.add_argument("input", help="NIfTI/NRRD/MHA file or DICOM series folder")
+    apply.add_argument("-o", "--output", required=True, metavar="OUT", help=".seg.nrrd or labelmap .nii.gz/.nrrd")
+    apply.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    apply.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    apply.set_defaults(run=_apply)
 
     models = commands.add_parser("models", help="list, download, import or locate model weights")
     model_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")

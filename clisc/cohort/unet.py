@@ -1,0 +1,172 @@
+"""The 3D U-Net trained on pseudo-labels (METHOD.md §B step 6): MONAI UNet, Dice+CE, SGD with poly decay.
+
+Training sees random patches (half centred on foreground, half on background) with random 90° rotations in
+the axial plane and flips; inference slides a window of the same size over the whole volume (the volume is
+never resized, so small lesions survive).
+
+An epoch draws one patch per training case (cases in a random order, padded with repeats to a whole number of
+batches). Every random choice is a function of (seed, epoch, position in the epoch), so training resumed
+from an epoch checkpoint, or split over DistributedDataParallel ranks, repeats an uninterrupted single-process
+run. Under DDP, ``batch_size`` is per process: the global batch is ``batch_size × world size``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from monai.networks.nets import UNet
+from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd, RandRotate90d, SpatialPadd
+from monai.utils import convert_to_tensor
+
+from ..errors import InputError
+from ..progress import CancelToken, ProgressCallback, no_progress
+from . import distributed
+
+LEARNING_RATE = 0.01
+POLY_POWER = 0.9
+DOWNSAMPLINGS = 4  # stride-2 levels of the UNet: patch sides must be multiples of 2**4
+CHECKPOINT = "last.pt"
+
+
+def build_unet(seed: int = 0) -> UNet:
+    """The paper's U-Net: channels 16-32-64-128-256, stride 2, instance norm; logits (B, 2, K, J, I) of
+    images (B, 1, K, J, I). ``seed`` seeds the initialisation without touching the global random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64, 128, 256),
+                    strides=(2, 2, 2, 2), norm="instance")
+
+
+def check_patch_size(patch_size: int) -> None:
+    """Patch sides are multiples of 16 (four halvings), and at least 32: instance norm needs more than one
+    voxel at the deepest level."""
+    if patch_size < 2 * 2 ** DOWNSAMPLINGS or patch_size % 2 ** DOWNSAMPLINGS:
+        raise InputError(f"--patch-size {patch_size}: use a multiple of {2 ** DOWNSAMPLINGS}, at least "
+                         f"{2 * 2 ** DOWNSAMPLINGS} (the paper: 128)")
+
+
+def patch_transforms(patch_size: int) -> Compose:
+    """Random patch of ``patch_size``³ (padded first when the volume is smaller), rot90 in the axial
+    (J, I) plane, flips along each axis; on dicts {"image", "label"} of (1, K, J, I) arrays."""
+    keys = ("image", "label")
+    return Compose([
+        SpatialPadd(keys, spatial_size=(patch_size,) * 3),
+        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=(patch_size,) * 3, pos=1, neg=1,
+                               num_samples=1),
+        RandRotate90d(keys, prob=0.5, max_k=3, spatial_axes=(1, 2)),
+        *(RandFlipd(keys, prob=0.5, spatial_axis=axis) for axis in range(3)),
+    ])
+
+
+def epoch_order(count: int, global_batch: int, seed: int, epoch: int) -> np.ndarray:
+    """The case indices of one epoch: a permutation, padded with its first entries to fill the last batch."""
+    order = np.random.default_rng([seed, epoch]).permutation(count)
+    steps = -(-count // global_batch)
+    return np.resize(order, steps * global_batch)
+
+
+def _sample(case: tuple, transforms: Compose, seed: int, epoch: int, position: int) -> tuple:
+    image, label = case
+    transforms.set_random_state(seed=int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0]))
+    patch = transforms({"image": image[None], "label": label[None].astype(np.uint8)})[0]
+    return (convert_to_tensor(patch["image"], track_meta=False),
+            convert_to_tensor(patch["label"], track_meta=False))
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then rename: a kill never leaves half a file."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(handle)
+    try:
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def train_unet(cases: Sequence[tuple[np.ndarray, np.ndarray]], epochs: int, patch_size: int = 128,
+               batch_size: int = 2, device: str | torch.device = "cpu", progress: ProgressCallback = no_progress,
+               cancel: Optional[CancelToken] = None, seed: int = 0, checkpoint_dir: Optional[Path] = None,
+               resume: bool = False, stage: str = "unet") -> tuple[UNet, list[float]]:
+    """Train a new U-Net on (image, label) pairs.
+
+    Args:
+        cases: (image (K, J, I) float32 pre-processed, label (K, J, I) bool) per case; sizes may differ.
+        epochs: passes over the cases (one random patch per case each).
+        batch_size: patches per optimiser step (per process under DDP).
+        checkpoint_dir: where ``last.pt`` (model, optimiser, finished epochs, losses) is written after each
+            epoch (by rank 0); None for no checkpoints.
+        resume: continue from ``checkpoint_dir/last.pt`` when it exists.
+        stage: the stage name given to ``progress(stage, epoch, epochs, "loss X")``.
+
+    Returns:
+        ``(model, losses)``: the trained model (eval mode, on ``device``) and the mean loss of every epoch.
+    """
+    check_patch_size(patch_size)
+    if not cases:
+        raise InputError("no case to train the U-Net on")
+    device = torch.device(device)
+    model = build_unet(seed).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE, momentum=0.9, weight_decay=1e-4)
+    losses: list[float] = []
+    checkpoint = Path(checkpoint_dir) / CHECKPOINT if checkpoint_dir is not None else None
+    if resume and checkpoint is not None and checkpoint.is_file():
+        state = torch.load(checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        losses = list(state["losses"])
+    network = distributed.wrap(model)
+    transforms = patch_transforms(patch_size)
+    loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
+    rank, global_batch = distributed.rank(), batch_size * distributed.world_size()
+    for epoch in range(len(losses), epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = LEARNING_RATE * (1 - epoch / epochs) ** POLY_POWER
+        network.train()
+        order = epoch_order(len(cases), global_batch, seed, epoch)
+        step_losses = []
+        for start in range(0, len(order), global_batch):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            positions = range(start + rank * batch_size, start + (rank + 1) * batch_size)
+            images, labels = zip(*(_sample(cases[order[p]], transforms, seed, epoch, p) for p in positions))
+            loss = loss_function(network(torch.stack(images).to(device)), torch.stack(labels).to(device))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step_losses.append(distributed.mean_over_ranks(loss.item()))
+        losses.append(float(np.mean(step_losses)))
+        if checkpoint is not None and distributed.is_main():
+            save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                         "epoch": epoch + 1, "losses": losses, "patch_size": patch_size})
+        progress(stage, epoch + 1, epochs, f"loss {losses[-1]:.4f}")
+    return model.eval(), losses
+
+
+def load_unet(path: str | Path, device: str | torch.device = "cpu") -> UNet:
+    """A U-Net from a checkpoint written by `train_unet` (read with ``weights_only=True``)."""
+    from ..models.loaders import load_checkpoint
+
+    model = build_unet()
+    model.load_state_dict(load_checkpoint(Path(path)))
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, image: np.ndarray, patch_size: int = 128,
+            device: str | torch.device = "cpu", overlap: float = 0.5) -> np.ndarray:
+    """Foreground mask (K, J, I) bool of a pre-processed image (K, J, I) float32 by sliding-window inference
+    (windows of ``patch_size``³ overlapping by ``overlap``, Gaussian-weighted, padded at the borders)."""
+    device = torch.device(device)
+    model.to(device).eval()
+    inputs = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None, None].to(device)
+    logits = sliding_window_inference(inputs, roi_size=(patch_size,) * 3, sw_batch_size=2, predictor=model,
+                                      overlap=overlap, mode="gaussian")
+    return (logits.argmax(dim=1)[0] == 1).cpu().numpy()

@@ -1,0 +1,61 @@
+"""Segmentation metrics in physical units: Dice and the 95th-percentile Hausdorff distance (HD95, mm).
+
+Masks are (K, J, I) arrays, as `clisc.volume.Volume` holds them; ``spacing`` is the voxel size along
+(k, j, i) in millimetres (``volume.spacing[::-1]``). HD95 is MONAI's symmetric 95th percentile of the
+distances between the two masks' surfaces, with the voxel spacing.
+
+Empty masks have no surface, so HD95 is undefined for them; `EMPTY_CASE_RULE` says how they are scored.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance
+
+EMPTY_CASE_RULE = ("an empty prediction on a non-empty ground truth (or a non-empty prediction on an empty "
+                   "ground truth) scores Dice 0 and HD95 = the image diagonal in mm (the worst distance "
+                   "possible in the image); both empty scores Dice 1 and HD95 0")
+
+
+def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
+    """Length in mm of the diagonal of an image of ``shape`` voxels of size ``spacing`` (mm, same order)."""
+    return float(np.linalg.norm(np.asarray(shape, float) * np.asarray(spacing, float)))
+
+
+def _as_batch(mask: np.ndarray) -> torch.Tensor:
+    """(1, 1, K, J, I) float tensor, MONAI's (batch, class, spatial...) layout with one foreground class."""
+    return torch.as_tensor(np.asarray(mask, dtype=bool), dtype=torch.float32)[None, None]
+
+
+def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Dice coefficient of two boolean masks of the same shape (1 when both are empty)."""
+    prediction, truth = np.asarray(prediction, bool), np.asarray(truth, bool)
+    if prediction.shape != truth.shape:
+        raise ValueError(f"mask shapes differ: {prediction.shape} and {truth.shape}")
+    if not prediction.any() and not truth.any():
+        return 1.0
+    if not prediction.any() or not truth.any():
+        return 0.0  # MONAI's ignore_empty would give NaN for an empty truth
+    return float(compute_dice(_as_batch(prediction), _as_batch(truth), include_background=True)[0, 0])
+
+
+def hd95(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float:
+    """95th-percentile symmetric Hausdorff distance in mm (see `EMPTY_CASE_RULE` for empty masks)."""
+    prediction, truth = np.asarray(prediction, bool), np.asarray(truth, bool)
+    if prediction.shape != truth.shape:
+        raise ValueError(f"mask shapes differ: {prediction.shape} and {truth.shape}")
+    if not prediction.any() and not truth.any():
+        return 0.0
+    if not prediction.any() or not truth.any():
+        return image_diagonal_mm(truth.shape, spacing)
+    distance = compute_hausdorff_distance(_as_batch(prediction), _as_batch(truth), include_background=True,
+                                          percentile=95, spacing=[float(s) for s in spacing])
+    return float(distance[0, 0])
+
+
+def evaluate(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict:
+    """``{"dice", "hd95_mm", "predicted_voxels", "truth_voxels"}`` of one case."""
+    return {"dice": dice(prediction, truth), "hd95_mm": hd95(prediction, truth, spacing),
+            "predicted_voxels": int(np.count_nonzero(prediction)), "truth_voxels": int(np.count_nonzero(truth))}
