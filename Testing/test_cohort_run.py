@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-from functools import partial
 
 import numpy as np
 import pytest
@@ -29,10 +28,9 @@ from clisc.cohort.cases import body_mask
 from clisc.cohort.run import CohortOptions, run_cohort
 from clisc.errors import Cancelled, InputError
 from clisc.models import loaders
-from clisc.models.random_weights import TINY_CLIP_CONFIG, save_random_clip
+from clisc.models.random_weights import TINY_CLIP_CONFIG, save_random_clip, tiny_sam
 from clisc.progress import CancelToken
 from clisc.readers import read_volume
-from clisc.torchvision_compat import import_torchvision
 from clisc.volume import Volume
 from clisc.writers import write_volume
 
@@ -45,22 +43,6 @@ CLI_OPTIONS = ["--clip-threshold", "0.5", "--classifier-weights", "none", "--cla
                "--patch-size", "32", "--batch-size", "2", "--s3f-rounds", "1", "--s3f-keep", "0.67",
                "--device", "cpu", "--seed", "0"]
 STEPS_BEFORE_UNET = ("slice_labels", "classifier", "cams", "classifier_amda", "cams_amda", "pseudo_labels")
-
-
-def small_sam(seed: int = 0):
-    import_torchvision()
-    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
-
-    torch.manual_seed(seed)
-    encoder = ImageEncoderViT(depth=1, embed_dim=32, img_size=256, mlp_ratio=2, num_heads=2, patch_size=16,
-                              norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), qkv_bias=True, use_rel_pos=True,
-                              global_attn_indexes=(0,), window_size=8, out_chans=32)
-    prompt_encoder = PromptEncoder(embed_dim=32, image_embedding_size=(16, 16), input_image_size=(256, 256),
-                                   mask_in_chans=4)
-    decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=32, iou_head_depth=1, iou_head_hidden_dim=32,
-                          transformer=TwoWayTransformer(depth=1, embedding_dim=32, mlp_dim=64, num_heads=2))
-    return Sam(encoder, prompt_encoder, decoder, pixel_mean=[123.675, 116.28, 103.53],
-               pixel_std=[58.395, 57.12, 57.375]).eval()
 
 
 def every_slice_abnormal(model, images_uint8, **kwargs) -> np.ndarray:
@@ -85,7 +67,7 @@ def cohort(tmp_path_factory):
     write_volume(root / "images" / "zeros.nii.gz", Volume(np.zeros((5, 8, 8), np.float32), np.eye(4)))
     (root / "labels.csv").write_text("case_id,label\n" + "".join(f"{c},labels/{c}.nii.gz\n" for c in CASES))
     save_random_clip(root / "clip", TINY_CLIP_CONFIG, seed=0)
-    (root / "sam.pth").write_bytes(b"")  # a path for --sam; load_sam is replaced by small_sam
+    (root / "sam.pth").write_bytes(b"")  # a path for --sam; load_sam is replaced by tiny_sam(image_size=256)
     return root
 
 
@@ -93,7 +75,7 @@ def cohort(tmp_path_factory):
 def patched():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(classifier, "classify", every_slice_abnormal)
-        patch.setattr(loaders, "load_sam", lambda spec, device="cpu": small_sam())
+        patch.setattr(loaders, "load_sam", lambda spec, device="cpu": tiny_sam(image_size=256))
         yield
 
 

@@ -57,9 +57,9 @@ def save_random_clip(folder: str | Path, model_cfg: dict | str = "ViT-B-16", see
     return folder
 
 
-def tiny_sam(seed: int = 0):
+def tiny_sam(seed: int = 0, image_size: int = 1024):
     """A small `Sam` of the real classes: 2-block, 32-wide image encoder (windowed + global attention with
-    relative positions) at SAM's 1024-pixel input, and the full prompt encoder and mask decoder."""
+    relative positions), by default at SAM's 1024-pixel input, and the full prompt encoder and mask decoder."""
     import_torchvision()
     from functools import partial
 
@@ -73,11 +73,12 @@ def tiny_sam(seed: int = 0):
 
     torch.manual_seed(seed)
     encoder = ImageEncoderViT(
-        depth=2, embed_dim=32, img_size=1024, mlp_ratio=2, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+        depth=2, embed_dim=32, img_size=image_size, mlp_ratio=2, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
         num_heads=2, patch_size=16, qkv_bias=True, use_rel_pos=True, global_attn_indexes=(1,), window_size=14,
         out_chans=256)
-    prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(64, 64), input_image_size=(1024, 1024),
-                                   mask_in_chans=16)
+    grid = image_size // 16
+    prompt_encoder = PromptEncoder(embed_dim=256, image_embedding_size=(grid, grid),
+                                   input_image_size=(image_size, image_size), mask_in_chans=16)
     decoder = MaskDecoder(num_multimask_outputs=3, transformer_dim=256, iou_head_depth=3, iou_head_hidden_dim=256,
                           transformer=TwoWayTransformer(depth=2, embedding_dim=256, mlp_dim=2048, num_heads=8))
     return Sam(encoder, prompt_encoder, decoder, pixel_mean=[123.675, 116.28, 103.53],
