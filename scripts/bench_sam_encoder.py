@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 from pathlib import Path
 
@@ -42,21 +43,31 @@ def matmul_gflops(dtype: torch.dtype, size: int = 4096) -> float:
 
 
 def undisturbed_seconds(run, repeats: int, max_runs: int = 10) -> tuple[float, str]:
-    """Fastest wall-clock seconds of ``repeats`` runs that had their threads' CPU time to themselves.
+    """Fastest wall-clock seconds of ``repeats`` runs during which no other process used the CPU.
 
-    Other processes on a shared machine stretch a run's wall-clock time; such a run gets less CPU time than
-    its threads could use, and is run again (up to ``max_runs`` in all). Returns the seconds and a note.
+    Build machines are shared: a run during which other processes took more than 2% of the machine's CPU
+    time is discarded and run again (up to ``max_runs`` in all). Returns the seconds and a note.
     """
-    threads = torch.get_num_threads()
     clean, disturbed = [], []
     while len(clean) < repeats and len(clean) + len(disturbed) < max_runs:
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, own, machine = time.perf_counter(), time.process_time(), _machine_cpu_seconds()
         run()
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        (clean if cpu > 0.92 * threads * wall else disturbed).append(wall)
+        wall = time.perf_counter() - wall
+        others = _machine_cpu_seconds() - machine - (time.process_time() - own)
+        (clean if others < 0.02 * wall * os.cpu_count() else disturbed).append(wall)
     if clean:
         return min(clean), f"({len(disturbed)} disturbed runs discarded)" if disturbed else ""
     return min(disturbed), "(every run disturbed by other processes: an upper bound)"
+
+
+def _machine_cpu_seconds() -> float:
+    """CPU seconds used by all processes since boot (Linux ``/proc/stat``; 0 elsewhere: no run is discarded)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return 0.0
+    user, nice, system, idle, iowait, irq, softirq, steal = map(int, fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def flair_slice() -> tuple[np.ndarray, np.ndarray]:
