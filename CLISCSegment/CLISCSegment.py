@@ -189,6 +189,7 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
+        self.ui.trainedRunPath.connect("currentPathChanged(QString)", self._updateGui)
         self.ui.exportSegNrrdButton.connect("clicked(bool)", self.onExportSegNrrd)
         self.ui.exportLabelmapButton.connect("clicked(bool)", self.onExportLabelmap)
         self.ui.exportDicomSegButton.connect("clicked(bool)", self.onExportDicomSeg)
@@ -237,10 +238,14 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cpuWarningLabel.setVisible(onCpu)
         if self._job:
             return  # the button is the Cancel button
-        ready = bool(parameters.inputVolume and splitPrompts(parameters.prompts))
+        trained = bool(self.ui.trainedRunPath.currentPath)
+        ready = bool(parameters.inputVolume and (trained or splitPrompts(parameters.prompts)))
         self.ui.segmentButton.enabled = ready
         self.ui.segmentButton.toolTip = ("Segment the input volume" if ready
-                                         else "Select an input volume and type a prompt")
+                                         else "Select an input volume and type a prompt (or choose a trained model)")
+        for widget in (self.ui.promptsLineEdit, self.ui.negativePromptLineEdit, self.ui.presetComboBox,
+                       self.ui.advancedCollapsibleButton):
+            widget.enabled = not trained
         segmentation = parameters.outputSegmentation
         for button in (self.ui.exportSegNrrdButton, self.ui.exportLabelmapButton, self.ui.exportDicomSegButton):
             button.enabled = segmentation is not None
@@ -265,14 +270,20 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                            negativePrompts=splitPrompts(parameters.negativePrompt) or None,
                            saliency=None if parameters.saliency == "preset" else parameters.saliency,
                            prompt_type=parameters.promptType, axis=parameters.axis, slices=parameters.slices)
-            if not self.ensureModels(options["clip"], options["sam"]):
-                return
-            prompts = splitPrompts(parameters.prompts)
+            trainedRun = self.ui.trainedRunPath.currentPath
+            if trainedRun:
+                options = dict(device=parameters.device, trainedRun=trainedRun)
+                prompts, what = None, f"with the trained model in {trainedRun}"
+            else:
+                if not self.ensureModels(options["clip"], options["sam"]):
+                    return
+                prompts = splitPrompts(parameters.prompts)
+                what = "; ".join(prompts)
             volume = self.logic.volumeFromNode(parameters.inputVolume)
             self._jobTargets = (parameters.inputVolume, parameters.outputSegmentation, parameters.showSaliency)
             self._job = SegmentJob(self.logic.run, volume=volume, prompts=prompts, **options)
             self._job.start()
-            self.log(f"Segmenting {parameters.inputVolume.GetName()}: {'; '.join(prompts)}")
+            self.log(f"Segmenting {parameters.inputVolume.GetName()}: {what}")
             self._setRunning(True)
 
     def _setRunning(self, running: bool) -> None:
@@ -501,7 +512,7 @@ class CLISCSegmentLogic(ScriptedLoadableModuleLogic):
 
     def segment(self, volumeNode, prompts, clip=None, sam=None, device="auto", preset="accurate",
                 negativePrompts=None, segmentationNode=None, showSaliency=False, progress=None, cancel=None,
-                **options):
+                trainedRun=None, **options):
         """Segment ``volumeNode`` from text prompts; returns the segmentation node (one segment per prompt).
 
         Args:
@@ -514,10 +525,13 @@ class CLISCSegmentLogic(ScriptedLoadableModuleLogic):
             segmentationNode: add the segments to this node (existing segments are kept); None: a new node.
             showSaliency: also add the saliency maps as volume nodes on the input's grid.
             progress: called as ``progress(stage, done, total, message)``. cancel: a `clisc.progress.CancelToken`.
+            trainedRun: a finished CLISC Train run folder: segment with its 3D U-Net instead (one segment, named
+                after the run's prompt; ``prompts``, the models and the zero-shot options are not used).
             options: other `clisc.zeroshot.SegmentOptions` fields, e.g. ``slices="all"``, ``axis="axial"``.
         """
         volume = self.volumeFromNode(volumeNode)
-        result = self.run(volume, prompts, clip, sam, device, preset, negativePrompts, progress, cancel, **options)
+        result = self.run(volume, prompts, clip, sam, device, preset, negativePrompts, progress, cancel, trainedRun,
+                          **options)
         return self.addSegments(volumeNode, result, segmentationNode, showSaliency)
 
     # -- step 1, main thread
@@ -537,10 +551,15 @@ class CLISCSegmentLogic(ScriptedLoadableModuleLogic):
     # -- step 2, any thread: no MRML
 
     def run(self, volume, prompts, clip=None, sam=None, device="auto", preset="accurate", negativePrompts=None,
-            progress=None, cancel=None, **options):
+            progress=None, cancel=None, trainedRun=None, **options):
         """The engine on a `Volume`; returns a `clisc.zeroshot.SegmentResult` (masks on the volume's grid)."""
         from clisc.progress import no_progress
         from clisc.zeroshot import ZeroShotSegmenter, preset_options
+
+        if trainedRun:
+            from clisc.cohort.run import apply_run
+
+            return apply_run(trainedRun, volume, device, progress=progress or no_progress, cancel=cancel)
 
         if isinstance(prompts, str):
             prompts = splitPrompts(prompts)
@@ -600,7 +619,7 @@ class CLISCSegmentLogic(ScriptedLoadableModuleLogic):
                     segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology)
                 slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), segmentationNode, segmentId,
                                                                   volumeNode)
-                if showSaliency:
+                if showSaliency and result.saliency:
                     saliencyNodes.append(self._addSaliencyVolume(volumeNode, result.saliency[n],
                                                                  f"{segment.GetName()} saliency"))
                     segmentationNode.AddNodeReferenceID(SALIENCY_REFERENCE, saliencyNodes[-1].GetID())

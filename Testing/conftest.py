@@ -17,6 +17,16 @@ def shared_data(relative: str) -> Path:
     return path
 
 
+def slicer_module(name: str):
+    """Our Slicer module file ``name`` on headless MRML (see slicer_stubs), or skip when slicer-core is absent."""
+    slicer = pytest.importorskip("slicer")
+    if not hasattr(slicer, "vtkMRMLScene"):
+        pytest.skip("slicer-core (the MRML layer) is not installed; `pip install slicer-core vtk==9.6.2`")
+    import slicer_stubs
+
+    return slicer_stubs.import_module(name)
+
+
 @pytest.fixture
 def clisc_home(tmp_path, monkeypatch):
     """An empty weights cache for the test."""

@@ -6,10 +6,11 @@ has no ``slicer.ScriptedLoadableModule``, no ``slicer.parameterNodeWrapper``, no
 run on real MRML. Widgets are not built here: that needs real Slicer (the module's self-test covers it).
 `start_mrml` registers the Colors, Volumes, Segmentations and SubjectHierarchy logics on an application logic
 and sets ``slicer.mrmlScene`` and ``slicer.modules.<name>.logic()``, which ``slicer.util``'s volume and
-segmentation helpers use.
+segmentation helpers use. `import_module` does both and imports one of our module files.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -17,8 +18,12 @@ import tempfile
 import types
 import unittest
 from dataclasses import dataclass
+from pathlib import Path
 
 import slicer
+
+ROOT = Path(__file__).resolve().parents[1]
+MODULES = ("CLISCSegment", "CLISCTrain")  # the scripted modules of the extension, each in its own folder
 
 
 class ScriptedLoadableModule:
@@ -105,3 +110,14 @@ def start_mrml():
     slicer.modules = types.SimpleNamespace(**modules)
     _application = application
     return scene
+
+
+def import_module(name: str):
+    """Our scripted module file ``name`` (e.g. "CLISCTrain"), imported with the stand-ins on a started MRML
+    application. Every module folder is put on ``sys.path``, as Slicer does, so modules can import each other."""
+    install()
+    start_mrml()
+    for module in MODULES:
+        if str(ROOT / module) not in sys.path:
+            sys.path.append(str(ROOT / module))
+    return importlib.import_module(name)

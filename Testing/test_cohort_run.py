@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import shared_data
+from tiny_engine import every_slice_abnormal
 
 from clisc.cli import main
 from clisc.cohort import classifier
@@ -43,10 +44,6 @@ CLI_OPTIONS = ["--clip-threshold", "0.5", "--classifier-weights", "none", "--cla
                "--patch-size", "32", "--batch-size", "2", "--s3f-rounds", "1", "--s3f-keep", "0.67",
                "--device", "cpu", "--seed", "0"]
 STEPS_BEFORE_UNET = ("slice_labels", "classifier", "cams", "classifier_amda", "cams_amda", "pseudo_labels")
-
-
-def every_slice_abnormal(model, images_uint8, **kwargs) -> np.ndarray:
-    return np.ones(len(images_uint8), np.float32)
 
 
 @pytest.fixture(scope="module")

@@ -85,6 +85,18 @@ def test_sliding_window_prediction_is_aligned_with_the_whole_volume():
     np.testing.assert_array_equal(mask, image > 0)
 
 
+def test_prediction_reports_every_window_batch_and_can_be_cancelled():
+    image = np.zeros((21, 45, 70), np.float32)  # windows of 32 every 16 voxels: 1 x 2 x 4 = 8, in batches of 2
+    reports = []
+    predict(Sign(), image, patch_size=32, progress=lambda stage, done, total, message="": reports.append((done, total)))
+    assert reports == [(n, 4) for n in range(5)]
+
+    cancel = CancelToken()
+    cancel.cancel()
+    with pytest.raises(Cancelled):
+        predict(Sign(), image, patch_size=32, cancel=cancel)
+
+
 def test_trained_unet_predicts_on_a_volume_of_another_size(uninterrupted):
     _, model, _ = uninterrupted
     image = synthetic_cases(4)[3][0][:, :, :25]

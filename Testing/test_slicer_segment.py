@@ -4,21 +4,16 @@ The Logic runs the engine with tiny CLIP and SAM models of the real classes and 
 show the adapter's mechanics: the segments written into MRML hold, voxel for voxel, the masks the engine computes
 for the same array (whatever the IJK→RAS), with the right names, colours, tags, terminology, hierarchy and
 reference geometry; existing segments are kept; a cancelled run leaves the scene as it was. They cannot show that
-the prompts find anything (that needs pretrained weights). The widget needs real Slicer; here the module file's
-.ui and CMake lists are checked as text, and the in-Slicer self-test runs on the headless MRML.
+the prompts find anything (that needs pretrained weights). The widget needs real Slicer; the module file's .ui
+and CMake lists are checked as text in test_slicer_module_files.py, and the in-Slicer self-test runs here.
 """
 from __future__ import annotations
 
-import re
-import sys
-import typing
-from pathlib import Path
 from types import SimpleNamespace
-from xml.etree import ElementTree
 
 import numpy as np
 import pytest
-from conftest import shared_data
+from conftest import shared_data, slicer_module
 
 from clisc.errors import Cancelled
 from clisc.models.loaders import load_clip
@@ -27,10 +22,6 @@ from clisc.readers import read_volume
 from clisc.volume import Volume
 from clisc.zeroshot import SegmentResult, ZeroShotSegmenter, preset_options
 
-ROOT = Path(__file__).resolve().parents[1]
-MODULE_DIR = ROOT / "CLISCSegment"
-MODULE_FILE = MODULE_DIR / "CLISCSegment.py"
-UI_FILE = MODULE_DIR / "Resources" / "UI" / "CLISCSegment.ui"
 # The same run for the module and for the engine: cheap saliency, every slice, CPU.
 RUN = dict(preset="fast", device="cpu", saliency="gradcam", slices="all")
 
@@ -56,19 +47,7 @@ def synthetic_array(shape=(2, 96, 96)) -> np.ndarray:
 @pytest.fixture(scope="module")
 def module():
     """The CLISCSegment module file, imported with the stand-ins, on a started MRML application."""
-    slicer = pytest.importorskip("slicer")
-    if not hasattr(slicer, "vtkMRMLScene"):
-        pytest.skip("slicer-core (the MRML layer) is not installed; `pip install slicer-core vtk==9.6.2`")
-    import slicer_stubs
-
-    slicer_stubs.install()
-    slicer_stubs.start_mrml()
-    sys.path.insert(0, str(MODULE_DIR))
-    try:
-        import CLISCSegment
-    finally:
-        sys.path.remove(str(MODULE_DIR))
-    return CLISCSegment
+    return slicer_module("CLISCSegment")
 
 
 @pytest.fixture
@@ -333,52 +312,3 @@ def test_exports_seg_nrrd_labelmap_and_explains_dicom_seg(module, scene, tmp_pat
 
 def test_in_slicer_self_test_runs_on_headless_mrml(module, scene):
     module.CLISCSegmentTest().runTest()
-
-
-def test_every_ui_widget_the_code_uses_exists_and_parameters_match_the_ui(module):
-    import slicer
-
-    tree = ElementTree.parse(UI_FILE)
-    widgets = {w.get("name"): w for w in tree.iter("widget")}
-    used = set(re.findall(r"self\.ui\.(\w+)", MODULE_FILE.read_text(encoding="utf-8")))
-    assert used and used <= set(widgets), f"not in the .ui: {sorted(used - set(widgets))}"
-
-    bound = {}  # parameter name -> widget
-    for widget in widgets.values():
-        for prop in widget.findall("property"):
-            if prop.get("name") == "SlicerParameterName":
-                bound[prop.find("string").text] = widget
-    hints = typing.get_type_hints(module.CLISCSegmentParameterNode, include_extras=True)
-    assert set(bound) == set(hints)
-    for parameter, widget in bound.items():
-        hint, widget_class = hints[parameter], widget.get("class")
-        if widget_class == "qMRMLNodeComboBox":  # the wrapper sets the selector's node types from the annotation
-            node_types = {t.__name__ for t in (typing.get_args(hint) or (hint,))}
-            assert node_types == {s.text for s in widget.iter("string") if s.text.startswith("vtkMRML")}, parameter
-            assert all(issubclass(getattr(slicer, t), slicer.vtkMRMLNode) for t in node_types)
-            continue
-        if widget_class == "QComboBox":  # the wrapper fills combo boxes from a Choice annotation
-            assert any(isinstance(a, module.Choice) for a in getattr(hint, "__metadata__", ())), parameter
-        value_type = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
-        assert value_type is {"QLineEdit": str, "QCheckBox": bool, "QComboBox": str}[widget_class], parameter
-
-
-def cmake_list(path: Path, variable: str) -> list:
-    text = path.read_text(encoding="utf-8")
-    match = re.search(rf"set\({variable}\s+(.*?)\)", text, re.S)
-    return [line.strip().replace("${MODULE_NAME}", "CLISCSegment") for line in match.group(1).split()
-            if not line.strip().startswith("#")]
-
-
-def test_cmake_lists_install_every_python_file_and_resource():
-    engine = cmake_list(ROOT / "CMakeLists.txt", "CLISC_ENGINE_SCRIPTS")
-    on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "clisc").rglob("*.py") if "__pycache__" not in p.parts}
-    assert set(engine) == on_disk, f"not listed: {sorted(on_disk - set(engine))}; gone: {sorted(set(engine) - on_disk)}"
-
-    scripts = cmake_list(MODULE_DIR / "CMakeLists.txt", "MODULE_PYTHON_SCRIPTS")
-    python_files = {str(p.relative_to(MODULE_DIR)) for p in MODULE_DIR.rglob("*.py") if "__pycache__" not in p.parts}
-    assert set(scripts) == python_files
-    resources = cmake_list(MODULE_DIR / "CMakeLists.txt", "MODULE_PYTHON_RESOURCES")
-    on_disk = {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()}
-    assert set(resources) == on_disk
-    assert "add_subdirectory(CLISCSegment)" in (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")

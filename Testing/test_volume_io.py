@@ -10,7 +10,7 @@ from conftest import shared_data, write_dicom_series
 from clisc.errors import InputError
 from clisc.readers import read_volume
 from clisc.volume import LPS_TO_RAS, Volume
-from clisc.writers import write_masks, write_volume
+from clisc.writers import atomic_path, remove_partial_files, write_masks, write_volume
 
 
 def rotation(x_degrees: float, z_degrees: float) -> np.ndarray:
@@ -188,6 +188,19 @@ def test_writers_leave_no_temporary_file_and_refuse_missing_folder(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["map.nrrd"]
     with pytest.raises(InputError, match="does not exist"):
         write_volume(tmp_path / "missing" / "map.nrrd", volume)
+
+
+def test_a_killed_writer_leaves_only_a_marked_partial_file_which_is_found_and_removed(tmp_path):
+    (tmp_path / "cases").mkdir()
+    target = tmp_path / "cases" / "case.nii.gz"
+    left = atomic_path(target).__enter__()  # a writer killed before its rename: the context never exits
+    left.write_bytes(b"half a volume")
+    assert left.name.startswith(".case.nii.gz.") and left.name.endswith(".partial.nii.gz")
+    keep = [tmp_path / ".hidden_user_file", tmp_path / "cases" / "other.partial_results.csv"]
+    for path in keep:
+        path.write_text("kept")
+    assert remove_partial_files(tmp_path) == [left]
+    assert not left.exists() and all(path.exists() for path in keep)
 
 
 # Bad input: a clear InputError naming the file and the problem.

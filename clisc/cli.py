@@ -144,26 +144,28 @@ def _train(args: argparse.Namespace) -> None:
         print(json.dumps({"stage": "finished", **summary}), flush=True)
     else:
         print(f"{summary['loaded']} of {summary['cases']} case(s) loaded, {len(summary['skipped'])} skipped; "
-              f"model: {summary['model']}")
+              f"model: {summary['model'] or 'none yet (stopped after the pseudo-labels)'}")
         if "mean_dice" in summary:
             print(f"mean Dice {summary['mean_dice']:.4f}, mean HD95 {summary['mean_hd95_mm']:.2f} mm "
                   f"(see {args.out}/metrics.json)")
 
 
 def _apply(args: argparse.Namespace) -> None:
-    import json
-
     from .cohort.run import apply_run
+    from .progress import TqdmProgress
     from .readers import read_volume
     from .writers import output_kind, write_masks
 
     output_kind(args.output)
     _check_outputs(args.input, [args.output], args.overwrite)
     volume = read_volume(args.input)
-    mask = apply_run(args.run_dir, volume, args.device)
-    prompt = json.loads((Path(args.run_dir) / "config.json").read_text())["prompt"]
-    write_masks(args.output, [mask], [prompt], volume)
-    print(f"{prompt}: {int(mask.sum())} voxels")
+    progress = TqdmProgress()
+    try:
+        result = apply_run(args.run_dir, volume, args.device, progress=progress)
+    finally:
+        progress.close()
+    write_masks(args.output, result.masks, result.names, volume)
+    print(f"{result.names[0]}: {int(result.masks[0].sum())} voxels")
     print(f"wrote {args.output}")
 
 
@@ -227,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--s3f-rounds", type=int, metavar="N", help="S3F self-training rounds (default 1; 0: none)")
     train.add_argument("--s3f-keep", type=float, metavar="F", help="fraction of cases S3F keeps (default 0.8)")
     train.add_argument("--sam-precision", choices=["float32", "bfloat16", "float16"])
+    train.add_argument("--stop-after", choices=["pseudo_labels"],
+                       help="stop once the pseudo-labels are written (--resume later to train the U-Net)")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"])
     train.add_argument("--seed", type=int)
     train.add_argument("--json-progress", action="store_true",

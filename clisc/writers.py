@@ -39,14 +39,18 @@ def output_kind(path: str | Path) -> str:
     )
 
 
+PARTIAL_MARK = ".partial"  # in the names of files being written; `remove_partial_files` finds them by it
+
+
 @contextmanager
-def _atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path with the same suffix beside ``path``; move it onto ``path`` on success."""
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` (hidden, marked partial, ending with the same suffix so that
+    writers choose the same format); move it onto ``path`` on success, remove it on failure."""
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f"{path}: the folder {path.parent} does not exist")
     suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith((".nii.gz", ".seg.nrrd")) else path.suffix
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_MARK + suffix, dir=path.parent)
     os.close(handle)
     try:
         yield Path(temporary)
@@ -56,12 +60,26 @@ def _atomic_path(path: Path) -> Iterator[Path]:
             os.remove(temporary)
 
 
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see `atomic_path`)."""
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
+
+
+def remove_partial_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files a killed writer left under ``folder`` (recursively); returns them."""
+    found = [path for path in Path(folder).rglob(f".*{PARTIAL_MARK}*") if path.is_file()]
+    for path in found:
+        path.unlink()
+    return found
+
+
 def write_volume(path: str | Path, reference: Volume, array: Optional[np.ndarray] = None) -> None:
     """Write ``array`` (K, J, I) (default: the reference's own) on the reference's grid (NIfTI/NRRD/MHA)."""
     import SimpleITK as sitk
 
     image = reference.to_sitk(array)
-    with _atomic_path(Path(path)) as temporary:
+    with atomic_path(path) as temporary:
         sitk.WriteImage(image, str(temporary), useCompression=True)
 
 
@@ -103,7 +121,7 @@ def write_segmentation(
         if tags:
             segment["tags"] = dict(tags[index])
         slicerio.add_segment(segmentation, np.asarray(mask, dtype=bool).transpose(2, 1, 0), segment)
-    with _atomic_path(Path(path)) as temporary:
+    with atomic_path(path) as temporary:
         slicerio.write_segmentation(str(temporary), segmentation)
 
 

@@ -27,8 +27,8 @@ import csv
 import io
 import json
 import logging
-import os
 import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -43,7 +43,8 @@ from ..metrics import EMPTY_CASE_RULE, evaluate
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..readers import read_volume
 from ..volume import Volume
-from ..writers import write_labelmap
+from ..zeroshot import SegmentResult
+from ..writers import remove_partial_files, write_bytes, write_labelmap
 from . import distributed
 from .cases import Case, body_mask, list_cohort, preprocess, to_uint8_slices, uncrop
 
@@ -52,7 +53,8 @@ logger = logging.getLogger("clisc")
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 # Options that may differ between a run and its resumption.
-RESUMABLE_CHANGES = ("device", "labels")
+RESUMABLE_CHANGES = ("device", "labels", "stop_after")
+STOP_AFTER = ("pseudo_labels",)
 
 
 @dataclass
@@ -79,6 +81,7 @@ class CohortOptions:
     sam_precision: str = "float32"
     sam_batch_size: int = 2
     seed: int = 0
+    stop_after: Optional[str] = None        # "pseudo_labels": stop there (resume later to train)
 
     def check(self) -> None:
         if not 0 < self.s3f_keep <= 1:
@@ -87,6 +90,8 @@ class CohortOptions:
             raise InputError("--s3f-rounds must be >= 0; --unet-epochs, --classifier-epochs, --batch-size >= 1")
         if self.cam_threshold not in ("otsu", "kmeans"):
             raise InputError(f"CAM threshold {self.cam_threshold!r}: use otsu or kmeans")
+        if self.stop_after not in (None, *STOP_AFTER):
+            raise InputError(f"--stop-after {self.stop_after!r}: use one of {', '.join(STOP_AFTER)}")
         if self.sam_precision not in PRECISIONS:
             raise InputError(f"SAM precision {self.sam_precision!r}: use one of {', '.join(PRECISIONS)}")
         from .unet import check_patch_size
@@ -116,20 +121,14 @@ class _Loaded:
         return Volume(np.zeros(self.shape, np.uint8), self.ijk_to_ras, str(self.case.path))
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
 def _write_json(path: Path, value) -> None:
-    _write_atomic(path, json.dumps(value, indent=1).encode())
+    write_bytes(path, json.dumps(value, indent=1).encode())
 
 
 def _write_npz(path: Path, **arrays) -> None:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
-    _write_atomic(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def _loss(message: str) -> Optional[float]:
@@ -219,6 +218,8 @@ class CohortRun:
             (self.dir / folder).mkdir(parents=True, exist_ok=True)
         if distributed.is_main():
             _write_json(config_file, config)
+            for path in remove_partial_files(self.dir):
+                logger.info("removed %s, left by an interrupted write", path)
         self.normal_prompt, self.abnormal_prompt = config["normal_prompt"], config["abnormal_prompt"]
         log_name = "run.log" if distributed.is_main() else f"run.rank{distributed.rank()}.log"
         self._log_handler = logging.FileHandler(self.dir / log_name)
@@ -241,7 +242,7 @@ class CohortRun:
     def _mark_done(self, step: str) -> None:
         distributed.barrier()
         if distributed.is_main():
-            _write_atomic(self.dir / "done" / step, b"")
+            write_bytes(self.dir / "done" / step, b"")
         logger.info("step %s finished", step)
 
     def _skip(self, item_or_case, stage: str, error: BaseException) -> None:
@@ -281,6 +282,8 @@ class CohortRun:
             training = self._per_case("pseudo_labels", training, "pseudo_labels/{}.nii.gz", self._pseudo_label)
             if not training:
                 raise InputError(f"no case of the cohort could be processed; see {self.dir / 'skipped'}")
+            if self.options.stop_after == "pseudo_labels":
+                return self._summary(loaded, None)
             labels = {item.case_id: self._read_pseudo_label(item) for item in training}
             self._train_unet(0, [(item.image, labels[item.case_id]) for item in training])
             for round_ in range(1, self.options.s3f_rounds + 1):
@@ -556,8 +559,9 @@ class CohortRun:
         return metrics
 
     def _summary(self, loaded: list[_Loaded], metrics: Optional[dict]) -> dict:
+        model = self.dir / "unet" / "final.pt"
         summary = {"run_dir": str(self.dir), "cases": len(self.cases), "loaded": len(loaded),
-                   "skipped": self.skipped(), "model": str(self.dir / "unet" / "final.pt")}
+                   "skipped": self.skipped(), "model": str(model) if model.is_file() else None}
         if metrics is not None:
             summary.update({key: metrics[key] for key in ("mean_dice", "mean_hd95_mm") if key in metrics})
         if distributed.is_main():
@@ -610,7 +614,7 @@ def plot_losses(losses: dict[str, list[float]], path: Path) -> None:
         axis.legend()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
-    _write_atomic(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def run_cohort(cohort: str | Path, prompt: str, out_dir: str | Path, options: Optional[CohortOptions] = None,
@@ -627,9 +631,10 @@ def run_cohort(cohort: str | Path, prompt: str, out_dir: str | Path, options: Op
 
 
 
-def apply_run(run_dir: str | Path, volume: Volume, device: str = "auto") -> np.ndarray:
+def apply_run(run_dir: str | Path, volume: Volume, device: str = "auto", progress: ProgressCallback = no_progress,
+              cancel: Optional[CancelToken] = None) -> SegmentResult:
     """Segment ``volume`` with a run's final U-Net: pre-processed as in training, sliding-window inference,
-    the result put back on the volume's grid. Returns (K, J, I) bool."""
+    the result put back on the volume's grid. Returns one (K, J, I) bool mask named after the run's prompt."""
     from ..zeroshot import resolve_device
     from .unet import load_unet, predict
 
@@ -638,8 +643,11 @@ def apply_run(run_dir: str | Path, volume: Volume, device: str = "auto") -> np.n
     if not model_file.is_file() or not config_file.is_file():
         raise InputError(f"{run_dir}: not a finished CLISC run (no unet/final.pt or config.json); run `clisc train` "
                          "to the end first (with --resume to finish an interrupted run)")
-    patch_size = json.loads(config_file.read_text())["options"]["patch_size"]
+    config = json.loads(config_file.read_text())
     device = resolve_device(device)
+    start = time.perf_counter()
     image, crop = preprocess(volume)
-    mask = predict(load_unet(model_file, device), image, patch_size, device)
-    return uncrop(mask, crop, volume.array.shape)
+    mask = predict(load_unet(model_file, device), image, config["options"]["patch_size"], device, progress=progress,
+                   cancel=cancel)
+    report = {"trained_run": str(run_dir), "device": str(device), "seconds": {"apply": time.perf_counter() - start}}
+    return SegmentResult([uncrop(mask, crop, volume.array.shape)], [config["prompt"]], [], report)

@@ -11,8 +11,6 @@ run. Under DDP, ``batch_size`` is per process: the global batch is ``batch_size 
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -26,6 +24,7 @@ from monai.utils import convert_to_tensor
 
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback, no_progress
+from ..writers import atomic_path
 from . import distributed
 
 LEARNING_RATE = 0.01
@@ -80,15 +79,9 @@ def _sample(case: tuple, transforms: Compose, seed: int, epoch: int, position: i
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename: a kill never leaves half a file."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
+    """``torch.save`` atomically: a kill never leaves half a file under ``path``."""
+    with atomic_path(path) as temporary:
         torch.save(state, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def train_unet(cases: Sequence[tuple[np.ndarray, np.ndarray]], epochs: int, patch_size: int = 128,
@@ -161,12 +154,38 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu") -> UNet:
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, image: np.ndarray, patch_size: int = 128,
-            device: str | torch.device = "cpu", overlap: float = 0.5) -> np.ndarray:
+            device: str | torch.device = "cpu", overlap: float = 0.5, progress: ProgressCallback = no_progress,
+            cancel: Optional[CancelToken] = None) -> np.ndarray:
     """Foreground mask (K, J, I) bool of a pre-processed image (K, J, I) float32 by sliding-window inference
-    (windows of ``patch_size``³ overlapping by ``overlap``, Gaussian-weighted, padded at the borders)."""
+    (windows of ``patch_size``³ overlapping by ``overlap``, Gaussian-weighted, padded at the borders).
+    Reports ``progress("apply", batches done, batches, "")`` and checks ``cancel`` before each batch of windows."""
     device = torch.device(device)
     model.to(device).eval()
     inputs = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None, None].to(device)
-    logits = sliding_window_inference(inputs, roi_size=(patch_size,) * 3, sw_batch_size=2, predictor=model,
-                                      overlap=overlap, mode="gaussian")
+    window_batch = 2
+    batches = -(-_window_count(image.shape, patch_size, overlap) // window_batch)
+    done = 0
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:
+        nonlocal done
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        logits = model(windows)
+        done += 1
+        progress("apply", done, batches, "")
+        return logits
+
+    progress("apply", 0, batches, "")
+    logits = sliding_window_inference(inputs, roi_size=(patch_size,) * 3, sw_batch_size=window_batch,
+                                      predictor=predictor, overlap=overlap, mode="gaussian")
     return (logits.argmax(dim=1)[0] == 1).cpu().numpy()
+
+
+def _window_count(shape: Sequence[int], patch_size: int, overlap: float) -> int:
+    """How many windows `sliding_window_inference` visits: per axis, windows start every
+    ``int(patch_size * (1 - overlap))`` voxels (one window where the axis is no longer than a patch)."""
+    count = 1
+    for size in shape:
+        step = max(int(patch_size * (1 - overlap)), 1)
+        count *= 1 if size <= patch_size else -(-(size - patch_size) // step) + 1
+    return count
