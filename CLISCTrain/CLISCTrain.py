@@ -108,7 +108,8 @@ class EngineProcess:
         self.summary = None     # the final {"stage": "finished", ...} event
         self._queue = queue.Queue()
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        bufsize=1, env=env, **_ownProcessGroup())
+                                        encoding="utf-8", errors="replace", bufsize=1, env=env,
+                                        **_ownProcessGroup())
         self._readers = [threading.Thread(target=self._read, args=(stream,), daemon=True)
                          for stream in (self.process.stdout, self.process.stderr)]
         for reader in self._readers:
@@ -627,7 +628,7 @@ def engineEnvironment() -> dict:
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("the CLISC engine (Python package clisc) is not installed")
     root = str(Path(list(spec.submodule_search_locations)[0]).parent)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
