@@ -357,6 +357,7 @@ class CLISCTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if "mean_dice" in summary:
                 self.log(f"Mean Dice {summary['mean_dice']:.4f}, mean HD95 {summary['mean_hd95_mm']:.2f} mm")
             self.ui.runPath.currentPath = outputDir
+            self._listCases()  # the path may not have changed, the cases have
         elif self._cancelRequested:
             self.log("Cancelled. What was finished is kept: press Resume to continue.")
         else:
