@@ -272,7 +272,7 @@ class CLISCTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cohortPath.enabled = not fromScene
         self.ui.cohortVolumes.enabled = fromScene
         if not self._process:
-            cohortChosen = bool(self.ui.cohortVolumes.checkedNodes()) if fromScene else bool(self.ui.cohortPath.currentPath)
+            cohortChosen = bool(self.ui.cohortVolumes.checkedNodes() if fromScene else self.ui.cohortPath.currentPath)
             output = self.ui.outputPath.currentPath
             ready = cohortChosen and bool(parameters.prompt.strip()) and bool(output)
             resuming = bool(output) and self.logic.isRun(output)
