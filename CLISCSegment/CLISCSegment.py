@@ -414,23 +414,11 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _downloadWithDialog(self, name: str) -> None:
         from clisc.models.cache import download_model
-        from clisc.progress import CancelToken
 
-        dialog = slicer.util.createProgressDialog(windowTitle="CLISC: downloading weights",
-                                                  labelText=f"Downloading {name}...", maximum=100)
-        cancel = CancelToken()
-
-        def progress(stage, done, total, message=""):
-            dialog.labelText = f"{stage}: {done / 1e6:.0f} of {total / 1e6:.0f} MB" if total else stage
-            dialog.value = int(100 * done / total) if total else 0
-            slicer.app.processEvents()
-            if dialog.wasCanceled:
-                cancel.cancel()
-
-        try:
-            download_model(name, progress=progress, cancel=cancel)
-        finally:
-            dialog.close()
+        runWithProgressDialog(
+            "CLISC: downloading weights", f"Downloading {name}...",
+            lambda stage, done, total: f"{stage}: {done / 1e6:.0f} of {total / 1e6:.0f} MB" if total else stage,
+            lambda progress, cancel: download_model(name, progress=progress, cancel=cancel))
 
     # -- export
 
@@ -455,6 +443,28 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay("DICOM SEG export failed.", waitCursor=True):
                 self.logic.exportDicomSeg(self._parameterNode.outputSegmentation, folder)
                 self.log(f"Wrote DICOM SEG into {folder}")
+
+
+def runWithProgressDialog(title: str, label: str, describe, work):
+    """``work(progress, cancel)`` on the main thread behind a progress dialog whose Cancel button cancels it
+    (the engine raises `clisc.errors.Cancelled` at its next check); returns what ``work`` returns.
+    ``describe(stage, done, total)`` is the dialog's text for each progress report."""
+    from clisc.progress import CancelToken
+
+    dialog = slicer.util.createProgressDialog(windowTitle=title, labelText=label, maximum=100)
+    cancel = CancelToken()
+
+    def progress(stage, done, total, message=""):
+        dialog.labelText = describe(stage, done, total)
+        dialog.value = int(100 * done / total) if total else 0
+        slicer.app.processEvents()
+        if dialog.wasCanceled:
+            cancel.cancel()
+
+    try:
+        return work(progress, cancel)
+    finally:
+        dialog.close()
 
 
 #

@@ -42,7 +42,7 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CLISCSegment import CLISCSegmentLogic, SegmentJob
+from CLISCSegment import CLISCSegmentLogic, runWithProgressDialog
 
 CASE_PATH_ATTRIBUTE = "CLISC.CasePath"  # on volume nodes loadCase made: the cohort file they were read from
 RESULTS = {"pseudo_label": ("pseudo_labels", "pseudo-label"), "prediction": ("predictions", "prediction")}
@@ -202,11 +202,9 @@ class CLISCTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNodeGuiTag = None
         self._process = None      # the running EngineProcess
         self._cancelRequested = False
-        self._applyJob = None     # the running SegmentJob of Apply
-        self._applyTarget = None  # its volume node
         self._timer = qt.QTimer()
         self._timer.setInterval(300)
-        self._timer.connect("timeout()", self._poll)
+        self._timer.connect("timeout()", self._pollProcess)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -232,7 +230,9 @@ class CLISCTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        self._cancelAll()
+        if self._process:
+            self._process.cancel()
+            self._process = None
         self._timer.stop()
         self.removeObservers()
 
@@ -243,9 +243,7 @@ class CLISCTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.setParameterNode(None)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._applyJob:
-            self._applyJob.cancel.cancel()  # the training process does not use the scene: it keeps running
-        self.setParameterNode(None)
+        self.setParameterNode(None)  # the training process does not use the scene: it keeps running
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
@@ -286,8 +284,7 @@ class CLISCTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         hasCase = self.ui.caseComboBox.count > 0
         self.ui.loadPseudoLabelButton.enabled = hasCase
         self.ui.loadPredictionButton.enabled = hasCase and finished
-        if not self._applyJob:
-            self.ui.applyButton.enabled = finished and parameters.applyVolume is not None
+        self.ui.applyButton.enabled = finished and parameters.applyVolume is not None
 
     def log(self, message: str) -> None:
         self.ui.statusLog.appendPlainText(message)
@@ -328,15 +325,9 @@ class CLISCTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.stageLabel.text = ""
         if running:
             self._timer.start()
-        elif not self._applyJob:
+        else:
             self._timer.stop()
         self._updateGui()
-
-    def _poll(self) -> None:
-        if self._process:
-            self._pollProcess()
-        if self._applyJob:
-            self._pollApply()
 
     def _pollProcess(self) -> None:
         process = self._process
@@ -374,13 +365,6 @@ class CLISCTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                    f"loss {event['loss']:.4f}" if event.get("loss") is not None else None]
         self.ui.stageLabel.text = ", ".join(detail for detail in details if detail)
 
-    def _cancelAll(self) -> None:
-        if self._process:
-            self._process.cancel()
-            self._process = None
-        if self._applyJob:
-            self._applyJob.cancel.cancel()
-
     # -- review
 
     def _listCases(self, *unused) -> None:
@@ -392,48 +376,39 @@ class CLISCTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateGui()
 
     def onLoadCase(self, result: str) -> None:
-        with slicer.util.tryWithErrorDisplay(f"Could not load the {RESULTS[result][1]}.", waitCursor=True):
-            caseId = self.ui.caseComboBox.currentText
-            volumeNode, segmentationNode = self.logic.loadCase(self.ui.runPath.currentPath, caseId, result,
-                                                               device=self._parameterNode.device)
+        caseId = self.ui.caseComboBox.currentText
+        loaded = self._withProgress(f"Could not load the {RESULTS[result][1]}.", f"Loading {caseId}...",
+                                    lambda progress, cancel: self.logic.loadCase(
+                                        self.ui.runPath.currentPath, caseId, result, self._parameterNode.device,
+                                        progress, cancel))
+        if loaded:
+            volumeNode, segmentationNode = loaded
             slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
             self.log(f"Loaded the {RESULTS[result][1]} of {caseId}: {segmentationNode.GetName()}")
 
     # -- apply
 
     def onApplyButton(self) -> None:
-        if self._applyJob:
-            self._applyJob.cancel.cancel()
-            return
-        with slicer.util.tryWithErrorDisplay("Could not apply the trained model.", waitCursor=True):
-            volumeNode = self._parameterNode.applyVolume
-            volume = CLISCSegmentLogic.volumeFromNode(volumeNode)
-            self._applyJob = SegmentJob(CLISCSegmentLogic().run, volume=volume, prompts=None,
-                                        trainedRun=self.ui.runPath.currentPath, device=self._parameterNode.device)
-            self._applyTarget = volumeNode
-            self._applyJob.start()
-            self.ui.applyButton.text = "Cancel"
-            self._timer.start()
+        volumeNode = self._parameterNode.applyVolume
+        segmentationNode = self._withProgress(
+            "Could not apply the trained model.", f"Segmenting {volumeNode.GetName()}...",
+            lambda progress, cancel: self.logic.apply(self.ui.runPath.currentPath, volumeNode,
+                                                      self._parameterNode.device, progress=progress, cancel=cancel))
+        if segmentationNode:
+            self.log(f"Applied the trained model to {volumeNode.GetName()}: {segmentationNode.GetName()}")
 
-    def _pollApply(self) -> None:
-        job = self._applyJob
-        if not job.finished:
-            return
+    def _withProgress(self, failure: str, label: str, work):
+        """``work(progress, cancel)`` behind a progress dialog; its result, or None when cancelled or failed
+        (a failure is shown)."""
         from clisc.errors import Cancelled
 
-        self._applyJob = None
-        self.ui.applyButton.text = "Apply"
-        if not self._process:
-            self._timer.stop()
-        if job.cancel.cancelled or isinstance(job.error, Cancelled):
-            self.log("Apply cancelled: nothing was added to the scene.")
-        elif job.error is not None:
-            self.log(f"Apply failed: {job.error}")
-            slicer.util.errorDisplay(f"Applying the trained model failed: {job.error}")
-        elif slicer.mrmlScene.IsNodePresent(self._applyTarget):
-            segmentationNode = CLISCSegmentLogic().addSegments(self._applyTarget, job.result)
-            self.log(f"Applied the trained model to {self._applyTarget.GetName()}: {segmentationNode.GetName()}")
-        self._updateGui()
+        with slicer.util.tryWithErrorDisplay(failure):
+            try:
+                return runWithProgressDialog("CLISC", label, lambda stage, done, total: f"{label} {done}/{total}",
+                                             work)
+            except Cancelled:
+                self.log("Cancelled: nothing was added to the scene.")
+        return None
 
 
 #
@@ -567,10 +542,11 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
 
     # -- review and apply
 
-    def loadCase(self, runDir, caseId, result="pseudo_label", device="auto"):
+    def loadCase(self, runDir, caseId, result="pseudo_label", device="auto", progress=None, cancel=None):
         """Load a case's input volume (once; later calls reuse its node) and its pseudo-label or prediction as
         a segmentation node over it. A prediction not in the run folder (the engine writes them only when
-        evaluating against labels) is computed with the run's final model. Returns (volume, segmentation)."""
+        evaluating against labels) is computed with the run's final model (``progress``, ``cancel`` as in
+        `apply`). Returns (volume, segmentation)."""
         from clisc.readers import read_volume
         from clisc.zeroshot import SegmentResult
 
@@ -591,7 +567,7 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
             segmented = SegmentResult([labelmap > 0], [prompt], [], {})
         elif result == "prediction":
             segmented = CLISCSegmentLogic().run(CLISCSegmentLogic.volumeFromNode(volumeNode), None, device=device,
-                                                trainedRun=runDir)
+                                                progress=progress, cancel=cancel, trainedRun=runDir)
         else:
             raise ValueError(f"{runDir}: case {caseId} has no pseudo-label yet")
         segmentationNode = CLISCSegmentLogic().addSegments(volumeNode, segmented)

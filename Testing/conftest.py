@@ -28,6 +28,16 @@ def slicer_module(name: str):
 
 
 @pytest.fixture
+def scene(module):
+    """The headless MRML scene, emptied; ``module`` is the test file's fixture importing its Slicer module
+    (which starts MRML)."""
+    import slicer
+
+    slicer.mrmlScene.Clear()
+    return slicer.mrmlScene
+
+
+@pytest.fixture
 def clisc_home(tmp_path, monkeypatch):
     """An empty weights cache for the test."""
     home = tmp_path / "clisc_home"

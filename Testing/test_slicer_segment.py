@@ -50,14 +50,6 @@ def module():
     return slicer_module("CLISCSegment")
 
 
-@pytest.fixture
-def scene(module):
-    import slicer
-
-    slicer.mrmlScene.Clear()
-    return slicer.mrmlScene
-
-
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     folder = save_random_clip(tmp_path_factory.mktemp("clip") / "tiny", TINY_CLIP_CONFIG)

@@ -67,14 +67,6 @@ def module():
     return slicer_module("CLISCTrain")
 
 
-@pytest.fixture
-def scene(module):
-    import slicer
-
-    slicer.mrmlScene.Clear()
-    return slicer.mrmlScene
-
-
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_cohort")
@@ -315,3 +307,24 @@ def test_the_default_engine_command_starts_the_clisc_package(module):
 
 def test_in_slicer_self_test_runs_on_headless_mrml(module, scene):
     module.CLISCTrainTest().runTest()
+
+
+def test_a_computed_prediction_reports_progress_and_can_be_cancelled(module, scene, finished_run):
+    import slicer
+
+    from clisc.errors import Cancelled
+    from clisc.progress import CancelToken
+
+    run_dir, _, _ = finished_run
+    logic = logic_for_tests(module)
+    reports = []
+    logic.loadCase(run_dir, "axial", "prediction", device="cpu",
+                   progress=lambda stage, done, total, message="": reports.append((stage, done, total)))
+    assert reports[0][:2] == ("apply", 0) and reports[-1][1] == reports[-1][2] > 0
+
+    cancel = CancelToken()
+    cancel.cancel()
+    segmentations = len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode"))
+    with pytest.raises(Cancelled):
+        logic.loadCase(run_dir, "flipped", "prediction", device="cpu", cancel=cancel)
+    assert len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")) == segmentations

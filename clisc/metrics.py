@@ -29,11 +29,17 @@ def _as_batch(mask: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(mask, dtype=bool), dtype=torch.float32)[None, None]
 
 
-def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
-    """Dice coefficient of two boolean masks of the same shape (1 when both are empty)."""
+def _masks(prediction: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both as bool arrays; ValueError when their shapes differ."""
     prediction, truth = np.asarray(prediction, bool), np.asarray(truth, bool)
     if prediction.shape != truth.shape:
         raise ValueError(f"mask shapes differ: {prediction.shape} and {truth.shape}")
+    return prediction, truth
+
+
+def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Dice coefficient of two boolean masks of the same shape (1 when both are empty)."""
+    prediction, truth = _masks(prediction, truth)
     if not prediction.any() and not truth.any():
         return 1.0
     if not prediction.any() or not truth.any():
@@ -43,9 +49,7 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
 
 def hd95(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> float:
     """95th-percentile symmetric Hausdorff distance in mm (see `EMPTY_CASE_RULE` for empty masks)."""
-    prediction, truth = np.asarray(prediction, bool), np.asarray(truth, bool)
-    if prediction.shape != truth.shape:
-        raise ValueError(f"mask shapes differ: {prediction.shape} and {truth.shape}")
+    prediction, truth = _masks(prediction, truth)
     if not prediction.any() and not truth.any():
         return 0.0
     if not prediction.any() or not truth.any():

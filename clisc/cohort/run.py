@@ -43,8 +43,8 @@ from ..metrics import EMPTY_CASE_RULE, evaluate
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..readers import read_volume
 from ..volume import Volume
-from ..zeroshot import SegmentResult
 from ..writers import remove_partial_files, write_bytes, write_labelmap
+from ..zeroshot import SegmentResult, resolve_device
 from . import distributed
 from .cases import Case, body_mask, list_cohort, preprocess, to_uint8_slices, uncrop
 
@@ -169,8 +169,6 @@ class CohortRun:
     def __init__(self, cohort: str | Path, prompt: str, out_dir: str | Path, options: CohortOptions,
                  progress: ProgressCallback = no_progress, cancel: Optional[CancelToken] = None,
                  events: Optional[Callable[[dict], None]] = None, resume: bool = False, clip=None, sam=None) -> None:
-        from ..zeroshot import resolve_device
-
         options.check()
         self.cohort, self.prompt, self.options = str(cohort), prompt.strip(), options
         if not self.prompt:
@@ -635,7 +633,6 @@ def apply_run(run_dir: str | Path, volume: Volume, device: str = "auto", progres
               cancel: Optional[CancelToken] = None) -> SegmentResult:
     """Segment ``volume`` with a run's final U-Net: pre-processed as in training, sliding-window inference,
     the result put back on the volume's grid. Returns one (K, J, I) bool mask named after the run's prompt."""
-    from ..zeroshot import resolve_device
     from .unet import load_unet, predict
 
     run_dir = Path(run_dir)

@@ -184,8 +184,7 @@ def predict(model: torch.nn.Module, image: np.ndarray, patch_size: int = 128,
 def _window_count(shape: Sequence[int], patch_size: int, overlap: float) -> int:
     """How many windows `sliding_window_inference` visits: per axis, windows start every
     ``int(patch_size * (1 - overlap))`` voxels (one window where the axis is no longer than a patch)."""
-    count = 1
+    step, count = max(int(patch_size * (1 - overlap)), 1), 1
     for size in shape:
-        step = max(int(patch_size * (1 - overlap)), 1)
         count *= 1 if size <= patch_size else -(-(size - patch_size) // step) + 1
     return count
