@@ -8,17 +8,20 @@ Everything the GUI does works from Slicer's Python console::
     logic = CLISCSegment.CLISCSegmentLogic()
     segmentationNode = logic.segment(volumeNode, ["brain tumor"], clip="biomedclip", sam="sam_vit_b", device="cuda")
 
-The engine is imported only inside functions: this file must load before its Python packages are installed.
-Like Slicer's module template, no ``from __future__ import annotations``: the parameter node wrapper reads the
-annotations as types.
+The engine is imported only inside functions: this file must load before its Python packages are installed, and
+importing it installs and downloads nothing. Python packages are installed on the first Segment (after the user
+agrees), model weights on first use into a cache folder the Models section shows. Like Slicer's module template, no
+``from __future__ import annotations``: the parameter node wrapper reads the annotations as types.
 """
 import importlib.metadata
-import importlib.util
 import logging
 import os
 import re
+import sys
+import tempfile
 import threading
 import traceback
+from pathlib import Path
 from typing import Annotated, Optional, Union
 
 import numpy as np
@@ -39,20 +42,19 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from clisc.environment import MINIMUM_PYTHON, TORCH_PACKAGES
+from clisc.environment import REQUIREMENTS as ENGINE_REQUIREMENTS
+
 PROMPT_TAG = "CLISC.Prompt"               # segment tag holding the prompt that made the segment
 SALIENCY_REFERENCE = "CLISC.Saliency"     # segmentation node -> its saliency volumes, in segment order
 
-# Python packages the engine needs beyond Slicer's own (numpy, SimpleITK, scipy, pydicom) and the PyTorch
-# extension's torch and torchvision: import name -> pip requirement (as in pyproject.toml).
-REQUIREMENTS = {
-    "segment_anything": "segment-anything>=1.0",
-    "open_clip": "open-clip-torch>=2.23",
-    "transformers": "transformers>=4.30",
-    "monai": "monai>=1.3",
-    "skimage": "scikit-image>=0.21",
-    "slicerio": "slicerio>=1.4",
-    "tqdm": "tqdm>=4.60",
-}
+# The engine's Python packages (clisc.environment, which imports only the standard library, so it loads before
+# they are installed), in two parts. torch and torchvision belong to the PyTorch extension, whose PyTorchUtils
+# installs the build that fits the computer; pip installs the others, with a constraints file that keeps the
+# installed versions of PINNED.
+TORCH_REQUIREMENTS = [str(r) for r in ENGINE_REQUIREMENTS if r.distribution in TORCH_PACKAGES]
+REQUIREMENTS = [str(r) for r in ENGINE_REQUIREMENTS if r.distribution not in TORCH_PACKAGES]
+PINNED = ("torch", "torchvision", "numpy", "SimpleITK")  # the PyTorch extension's and Slicer's own
 
 # Terminology entries for common prompts: a small subset of SNOMED CT, with the codes of Slicer's
 # "3D Slicer General Anatomy list" (which names a tumour "Mass"; anatomic regions from the DICOM master list).
@@ -100,9 +102,99 @@ def terminologyEntry(prompt: str) -> Optional[str]:
     return None
 
 
+def unsupportedSlicerMessage() -> Optional[str]:
+    """Why this Slicer cannot run CLISC (its Python is older than 3.10: Slicer 5.8 or older), or None."""
+    if tuple(sys.version_info[:2]) >= MINIMUM_PYTHON:
+        return None
+    application = getattr(slicer, "app", None)  # absent outside the Slicer application
+    return (f"CLISC needs 3D Slicer 5.10 or newer (this is Slicer "
+            f"{application.applicationVersion if application else 'unknown'} with Python "
+            f"{sys.version_info[0]}.{sys.version_info[1]}). Install the current Slicer from "
+            "https://download.slicer.org and add the CLISC extension to it.")
+
+
+def showUnsupportedSlicer(layout) -> bool:
+    """Show, in place of a module's controls, why this Slicer cannot run CLISC; True if it cannot."""
+    unsupported = unsupportedSlicerMessage()
+    if unsupported:
+        label = qt.QLabel(unsupported)
+        label.wordWrap = True
+        layout.addWidget(label)
+    return unsupported is not None
+
+
+def canonicalName(distribution: str) -> str:
+    """A distribution name as pip compares them: "Open_CLIP.torch" -> "open-clip-torch"."""
+    return re.sub(r"[-_.]+", "-", distribution).lower()
+
+
 def installedVersions() -> dict:
-    """Installed Python distributions: name -> version."""
-    return {dist.metadata["Name"]: dist.version for dist in importlib.metadata.distributions()}
+    """Installed Python distributions: canonical name -> version (the first found on the path, as import does)."""
+    versions = {}
+    for dist in importlib.metadata.distributions():
+        if dist.metadata["Name"]:
+            versions.setdefault(canonicalName(dist.metadata["Name"]), dist.version)
+    return versions
+
+
+def _packaging():
+    """The ``packaging`` library (requirements and versions); in a Slicer without it, the copy inside pip."""
+    try:
+        import packaging.requirements
+        import packaging.version
+    except ImportError:
+        import pip._vendor.packaging.requirements
+        import pip._vendor.packaging.version
+        return pip._vendor.packaging
+    return packaging
+
+
+def unmetRequirements(requirements, installed: dict) -> list:
+    """The pip requirements that the installed versions (canonical name -> version) leave unmet: missing or too old.
+    Decided by versions, not by whether a module imports."""
+    Requirement = _packaging().requirements.Requirement
+    unmet = []
+    for text in requirements:
+        requirement = Requirement(text)
+        version = installed.get(canonicalName(requirement.name))
+        if version is None or not requirement.specifier.contains(version, prereleases=True):
+            unmet.append(text)
+    return unmet
+
+
+def pipConstraints(installed: dict) -> str:
+    """A pip constraints file that pins the installed versions of `PINNED`, so that installing the other packages
+    cannot replace the PyTorch extension's torch and torchvision or Slicer's numpy and SimpleITK."""
+    return "".join(f"{name}=={installed[canonicalName(name)]}\n" for name in PINNED if canonicalName(name) in installed)
+
+
+def torchInstallArguments(installed: dict) -> dict:
+    """Keyword arguments for ``PyTorchUtils.PyTorchUtilsLogic().installTorch`` that install what `TORCH_REQUIREMENTS`
+    lacks. An installed torch is kept (its exact release is asked for, so that a missing torchvision comes paired
+    with it); a torch too old for CLISC cannot be replaced in a running Slicer: RuntimeError says how to update it."""
+    packaging = _packaging()
+    torch, torchvision = (packaging.requirements.Requirement(text) for text in TORCH_REQUIREMENTS)
+    torchVersion = installed.get("torch")
+    if torchVersion is None:
+        torchSpecifier = str(torch.specifier)
+    elif unmetRequirements([str(torch)], installed):
+        raise RuntimeError(
+            f"CLISC needs {torch}, and this Slicer has torch {torchVersion}. Update it in the PyTorch Utils module "
+            "(Uninstall PyTorch, restart Slicer, Install PyTorch), then try again.")
+    else:
+        torchSpecifier = f"=={packaging.version.Version(torchVersion).public}"
+    arguments = {"askConfirmation": True, "torchVersionRequirement": torchSpecifier}
+    if str(torchvision.specifier):  # only newer PyTorchUtils take this argument
+        arguments["torchvisionVersionRequirement"] = str(torchvision.specifier)
+    return arguments
+
+
+def formatSize(size: int) -> str:
+    """A size in bytes for people: "2.4 GB", "350 MB", "12 kB"."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}" if size < 10 * scale else f"{size / scale:.0f} {unit}"
+    return f"{size} B"
 
 
 def uniqueSegmentName(segmentation, name: str) -> str:
@@ -125,7 +217,7 @@ class CLISCSegment(ScriptedLoadableModule):
         self.parent.title = "CLISC Segment"
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = []
-        self.parent.contributors = ["CLISC developers"]
+        self.parent.contributors = ["CLISC developers (SlicerCLISC project)"]
         self.parent.helpText = (
             "Segment a volume from a text prompt such as \"brain tumor\" or \"left lung\", without annotation: "
             "CLIP finds where the prompt is in each slice, Segment Anything draws the mask. Several prompts are "
@@ -180,6 +272,8 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        if showUnsupportedSlicer(self.layout):
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/CLISCSegment.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -193,6 +287,10 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.exportSegNrrdButton.connect("clicked(bool)", self.onExportSegNrrd)
         self.ui.exportLabelmapButton.connect("clicked(bool)", self.onExportLabelmap)
         self.ui.exportDicomSegButton.connect("clicked(bool)", self.onExportDicomSeg)
+        self.ui.modelsCollapsibleButton.connect("contentsCollapsed(bool)",
+                                                lambda collapsed: collapsed or self._listModels())
+        self.ui.modelsTable.connect("itemSelectionChanged()", self._updateModelButtons)
+        self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
         self.ui.progressBar.hide()
         self.initializeParameterNode()
 
@@ -203,7 +301,8 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self) -> None:
-        self.initializeParameterNode()
+        if self.logic:  # None in a Slicer too old for CLISC
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         self.setParameterNode(None)
@@ -263,7 +362,7 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         with slicer.util.tryWithErrorDisplay("CLISC could not start the segmentation.", waitCursor=True):
             parameters = self._parameterNode
-            if not self.ensurePackages():
+            if not ensurePackages(self.log):
                 return
             options = dict(clip=parameters.clip.strip() or None, sam=parameters.sam.strip() or None,
                            device=parameters.device, preset=parameters.preset,
@@ -338,44 +437,6 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # -- first use: packages and weights
 
-    def ensurePackages(self) -> bool:
-        """Install missing Python packages (not in testing mode); True when the engine can be imported."""
-        try:
-            import PyTorchUtils
-        except ModuleNotFoundError:
-            raise RuntimeError("CLISC needs the PyTorch extension: install \"PyTorch\" from the Extensions Manager, "
-                               "restart Slicer and try again.") from None
-        torchLogic = PyTorchUtils.PyTorchUtilsLogic()
-        missing = self.logic.missingPackages()
-        if torchLogic.torchInstalled() and not missing:
-            return True
-        if slicer.app.testingEnabled():
-            missing = ([] if torchLogic.torchInstalled() else ["torch"]) + missing
-            raise RuntimeError(f"missing Python packages (not installed in testing mode): {', '.join(missing)}")
-        if not torchLogic.torchInstalled():
-            if torchLogic.installTorch(askConfirmation=True, torchVersionRequirement=">=2.1") is None:
-                return False
-        if missing:
-            if not slicer.util.confirmOkCancelDisplay(
-                    f"CLISC needs these Python packages: {', '.join(missing)}.\n"
-                    "Install them now? It takes a few minutes and needs an internet connection."):
-                return False
-            self.log(f"Installing {', '.join(missing)}...")
-            before = installedVersions()
-            with slicer.util.WaitCursor():
-                slicer.util.pip_install(missing)
-            importlib.invalidate_caches()
-            # pip may have upgraded a package this Slicer session has already imported (numpy, say)
-            after = installedVersions()
-            changed = sorted(name for name in before if after.get(name) != before[name])
-            if changed or self.logic.missingPackages():
-                note = f" ({', '.join(changed)} changed version)" if changed else ""
-                if slicer.util.confirmOkCancelDisplay(f"The packages are installed{note}; Slicer must restart to use "
-                                                      "them. Restart now?"):
-                    slicer.util.restart()
-                return False
-        return True
-
     def ensureModels(self, clip: Optional[str], sam: Optional[str]) -> bool:
         """Download the catalogue weights not in the cache yet, with a progress dialog; offer an offline import
         when the download fails. True when all are installed."""
@@ -410,6 +471,7 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 with slicer.util.WaitCursor():
                     import_model(name, source)
             self.log(f"Installed the weights {name}.")
+            self._listModels()
         return True
 
     def _downloadWithDialog(self, name: str) -> None:
@@ -419,6 +481,39 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             "CLISC: downloading weights", f"Downloading {name}...",
             lambda stage, done, total: f"{stage}: {done / 1e6:.0f} of {total / 1e6:.0f} MB" if total else stage,
             lambda progress, cancel: download_model(name, progress=progress, cancel=cancel))
+
+    # -- the weights cache
+
+    def _listModels(self) -> None:
+        """Show the weights folder, and each model in it with its size (when the Models section opens, and after a
+        download: listing imports the engine)."""
+        try:
+            folder, models = self.logic.modelsFolder(), self.logic.installedModels()
+        except ImportError as error:  # the engine's packages are not installed yet: the first Segment installs them
+            self.ui.modelsFolderLabel.text = f"Shown once CLISC's Python packages are installed ({error})."
+            return
+        self.ui.modelsFolderLabel.text = f"Folder: {folder}"
+        self.ui.modelsTable.setRowCount(len(models))
+        for row, (name, path, size) in enumerate(models):
+            for column, text in enumerate((name, formatSize(size))):
+                item = qt.QTableWidgetItem(text)
+                item.setToolTip(str(path))
+                self.ui.modelsTable.setItem(row, column, item)
+        self._updateModelButtons()
+
+    def _updateModelButtons(self) -> None:
+        self.ui.removeModelButton.enabled = bool(self.ui.modelsTable.selectedItems())
+
+    def onRemoveModel(self) -> None:
+        row = self.ui.modelsTable.currentRow()
+        name = self.ui.modelsTable.item(row, 0).text()
+        path = self.ui.modelsTable.item(row, 0).toolTip()
+        if slicer.util.confirmOkCancelDisplay(f"Delete the weights '{name}' ({path})?\n"
+                                              "They are downloaded again when a segmentation needs them."):
+            with slicer.util.tryWithErrorDisplay(f"Could not delete the weights '{name}'.", waitCursor=True):
+                self.logic.removeModel(name)
+                self.log(f"Deleted the weights {name}.")
+            self._listModels()
 
     # -- export
 
@@ -443,6 +538,55 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay("DICOM SEG export failed.", waitCursor=True):
                 self.logic.exportDicomSeg(self._parameterNode.outputSegmentation, folder)
                 self.log(f"Wrote DICOM SEG into {folder}")
+
+
+def ensurePackages(log) -> bool:
+    """Before a run (both modules' GUIs): install the engine's missing Python packages once the user agrees, torch
+    and torchvision through the PyTorch extension, the others with pip (`CLISCSegmentLogic.installPackages`).
+    Nothing is installed in testing mode. True when the engine can run now; False when the user declined or Slicer
+    must restart first. ``log(text)`` reports progress."""
+    logic = CLISCSegmentLogic()
+    missingTorch, missing = logic.missingTorch(), logic.missingPackages()
+    if not missingTorch + missing:
+        return True
+    if slicer.app.testingEnabled():
+        raise RuntimeError("missing Python packages (not installed in testing mode): "
+                           + ", ".join(missingTorch + missing))
+    if missingTorch:
+        if not installTorch():
+            return False
+        missing = logic.missingPackages()
+    if missing:
+        if not slicer.util.confirmOkCancelDisplay(
+                f"CLISC needs these Python packages: {', '.join(missing)}.\n"
+                "Install them now? It takes a few minutes and needs an internet connection. "
+                "PyTorch stays as the PyTorch extension installed it."):
+            return False
+        log(f"Installing {', '.join(missing)}...")
+        with slicer.util.WaitCursor():
+            changed = logic.installPackages()
+        if changed or logic.missingPackages():  # pip upgraded a package this session may have imported already
+            note = f" ({', '.join(changed)} changed version)" if changed else ""
+            if slicer.util.confirmOkCancelDisplay(f"The packages are installed{note}; Slicer must restart to use "
+                                                  "them. Restart now?"):
+                slicer.util.restart()
+            return False
+    return True
+
+
+def installTorch() -> bool:
+    """Have the PyTorch extension's PyTorchUtils install torch and torchvision (the build for this computer's GPU or
+    CPU; it asks the user first). True when it did."""
+    try:
+        import PyTorchUtils
+    except ModuleNotFoundError:
+        raise RuntimeError("CLISC needs PyTorch, which the PyTorch extension installs: install \"PyTorch\" from the "
+                           "Extensions Manager, restart Slicer and try again.") from None
+    arguments = torchInstallArguments(installedVersions())
+    if PyTorchUtils.PyTorchUtilsLogic().installTorch(**arguments) is None:
+        return False
+    importlib.invalidate_caches()
+    return True
 
 
 def runWithProgressDialog(title: str, label: str, describe, work):
@@ -515,6 +659,9 @@ class CLISCSegmentLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        unsupported = unsupportedSlicerMessage()
+        if unsupported:
+            raise RuntimeError(unsupported)
         self._models = {}  # family -> (spec, loaded model): the last CLIP and SAM, kept between runs
 
     def getParameterNode(self):
@@ -666,12 +813,42 @@ class CLISCSegmentLogic(ScriptedLoadableModuleLogic):
         hierarchy.SetItemParent(item(node), hierarchy.GetItemParent(item(volumeNode)))
         node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
 
-    # -- first use
+    # -- first use: Python packages
 
     @staticmethod
     def missingPackages() -> list:
-        """The pip requirements of `REQUIREMENTS` whose packages cannot be imported."""
-        return [requirement for name, requirement in REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
+        """The requirements of `REQUIREMENTS` that the installed distributions leave unmet (missing or too old)."""
+        return unmetRequirements(REQUIREMENTS, installedVersions())
+
+    @staticmethod
+    def missingTorch() -> list:
+        """The unmet requirements of `TORCH_REQUIREMENTS`: for the PyTorch extension to install (see `installTorch`),
+        never pip here."""
+        return unmetRequirements(TORCH_REQUIREMENTS, installedVersions())
+
+    def installPackages(self) -> list:
+        """pip-install `missingPackages` (never torch or torchvision) with a constraints file pinning the installed
+        `PINNED` packages, through ``slicer.packaging.pip_ensure`` (Slicer 5.12) or ``slicer.util.pip_install``.
+        Returns the distributions whose installed version changed (Slicer must restart to use them)."""
+        missing = self.missingPackages()
+        if not missing:
+            return []
+        before = installedVersions()
+        with tempfile.TemporaryDirectory() as folder:
+            constraints = Path(folder) / "constraints.txt"
+            constraints.write_text(pipConstraints(before), encoding="utf-8")
+            try:
+                from slicer.packaging import pip_ensure
+            except ImportError:  # Slicer 5.10
+                slicer.util.pip_install(["-c", str(constraints), *missing])
+            else:
+                pip_ensure(missing, constraints=constraints, requester="CLISC", prompt_install=False,
+                           prompt_restart=False, skip_in_testing=False)
+        importlib.invalidate_caches()
+        after = installedVersions()
+        return sorted(name for name, version in before.items() if after.get(name, version) != version)
+
+    # -- first use: model weights
 
     @staticmethod
     def missingModels(clip=None, sam=None) -> list:
@@ -683,6 +860,31 @@ class CLISCSegmentLogic(ScriptedLoadableModuleLogic):
         entries = {entry.name: entry for entry in CATALOGUE}
         names = [SegmentOptions.clip if clip is None else clip, SegmentOptions.sam if sam is None else sam]
         return [name for name in names if isinstance(name, str) and name in entries and not is_installed(entries[name])]
+
+    @staticmethod
+    def modelsFolder() -> Path:
+        """Where downloaded weights are kept: ``$CLISC_HOME/models`` (default ``~/.clisc/models``)."""
+        from clisc.models.cache import clisc_home
+
+        return clisc_home() / "models"
+
+    @staticmethod
+    def installedModels() -> list:
+        """The catalogue models with files in the weights folder, as (name, folder, size in bytes of those files),
+        in catalogue order. A partial download (which the next download resumes) is not counted."""
+        from clisc.models.cache import installed_size, model_dir
+        from clisc.models.catalogue import CATALOGUE
+
+        models = [(entry.name, model_dir(entry.name), installed_size(entry.name)) for entry in CATALOGUE]
+        return [model for model in models if model[2]]
+
+    def removeModel(self, name: str) -> None:
+        """Delete the weights ``name`` from the weights folder (and forget them if loaded); they are downloaded
+        again when needed."""
+        from clisc.models.cache import remove_model
+
+        remove_model(name)
+        self._models = {family: loaded for family, loaded in self._models.items() if loaded[0] != name}
 
     @staticmethod
     def cudaAvailable() -> bool:

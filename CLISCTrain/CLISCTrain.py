@@ -11,8 +11,9 @@ Everything the GUI does works from the console::
     volumeNode, segmentationNode = logic.loadCase("/data/run1", "pat0001", "pseudo_label")
     segmentationNode = logic.apply("/data/run1", someVolumeNode)
 
-Like CLISCSegment, the engine is imported only inside functions, and there is no ``from __future__ import
-annotations`` (the parameter node wrapper reads the annotations as types).
+Like CLISCSegment, the engine is imported only inside functions (importing this file installs nothing; the first Start
+installs the missing Python packages, as CLISCSegment does), and there is no ``from __future__ import annotations``
+(the parameter node wrapper reads the annotations as types).
 """
 import importlib.util
 import json
@@ -42,7 +43,13 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from CLISCSegment import CLISCSegmentLogic, runWithProgressDialog
+from CLISCSegment import (
+    CLISCSegmentLogic,
+    ensurePackages,
+    runWithProgressDialog,
+    showUnsupportedSlicer,
+    unsupportedSlicerMessage,
+)
 
 CASE_PATH_ATTRIBUTE = "CLISC.CasePath"  # on volume nodes loadCase made: the cohort file they were read from
 RESULTS = {"pseudo_label": ("pseudo_labels", "pseudo-label"), "prediction": ("predictions", "prediction")}
@@ -59,7 +66,7 @@ class CLISCTrain(ScriptedLoadableModule):
         self.parent.title = "CLISC Train"
         self.parent.categories = ["Segmentation"]
         self.parent.dependencies = ["CLISCSegment"]
-        self.parent.contributors = ["CLISC developers"]
+        self.parent.contributors = ["CLISC developers (SlicerCLISC project)"]
         self.parent.helpText = (
             "Train a 3D segmentation model on a whole cohort without annotations (CLISC): CLIP labels the slices, "
             "a classifier's CAMs prompt Segment Anything for pseudo-labels, and a 3D U-Net trains on them with "
@@ -208,6 +215,8 @@ class CLISCTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
+        if showUnsupportedSlicer(self.layout):
+            return
         uiWidget = slicer.util.loadUI(self.resourcePath("UI/CLISCTrain.ui"))
         self.layout.addWidget(uiWidget)
         self.ui = slicer.util.childWidgetVariables(uiWidget)
@@ -237,7 +246,8 @@ class CLISCTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self) -> None:
-        self.initializeParameterNode()
+        if self.logic:  # None in a Slicer too old for CLISC
+            self.initializeParameterNode()
 
     def exit(self) -> None:
         self.setParameterNode(None)
@@ -300,6 +310,8 @@ class CLISCTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self._process.cancel()
             return
         with slicer.util.tryWithErrorDisplay("CLISC could not start the cohort run.", waitCursor=True):
+            if not ensurePackages(self.log):
+                return
             parameters = self._parameterNode
             outputDir = self.ui.outputPath.currentPath
             if self.ui.cohortFromSceneRadio.checked:
@@ -403,6 +415,8 @@ class CLISCTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         from clisc.errors import Cancelled
 
         with slicer.util.tryWithErrorDisplay(failure):
+            if not ensurePackages(self.log):
+                return None
             try:
                 return runWithProgressDialog("CLISC", label, lambda stage, done, total: f"{label} {done}/{total}",
                                              work)
@@ -426,6 +440,9 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
+        unsupported = unsupportedSlicerMessage()
+        if unsupported:
+            raise RuntimeError(unsupported)
         self.engineCommand = [pythonExecutable(), "-m", "clisc"]
 
     def getParameterNode(self):

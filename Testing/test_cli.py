@@ -137,3 +137,51 @@ def test_download_without_network_says_where_to_fetch_and_how_to_import(clisc_ho
     error = capsys.readouterr().err
     assert "http://127.0.0.1:1/sam.pth" in error and "clisc models import offline_test" in error
     assert not any(cache.model_dir("offline_test").glob("sam.pth"))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--saliency-out", "saliency.png", "--saliency-out (a volume file) must end with"),
+    ("--saliency-out", "saliency.txt", "--saliency-out (a volume file) must end with"),
+    ("--report", "report.json", "is a folder"),
+])
+def test_every_output_is_checked_before_any_model_loads(tmp_path, option, value, message, capsys):
+    """A bad output path fails first (the CLIP named here does not exist, so reaching the models would say so)."""
+    image = tmp_path / "image.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((3, 8, 8), np.float32)), str(image))
+    (tmp_path / "report.json").mkdir()
+    output = tmp_path / "out.seg.nrrd"
+    code = main(["segment", str(image), "--prompt", "x", "-o", str(output), "--clip", "no_such_clip",
+                 option, str(tmp_path / value), "--overwrite"])
+    error = capsys.readouterr().err
+    assert code == 2 and message in error and "no_such_clip" not in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["image.nrrd", "report.json"]
+
+
+def test_a_repeated_prompt_is_segmented_once_with_a_warning(tmp_path, small_mri, models, caplog):
+    clip, sam = models
+    output, report = tmp_path / "out.seg.nrrd", tmp_path / "run.json"
+    code = main(["segment", str(small_mri), "--prompt", "tumor", "--prompt", "Tumor ", "-o", str(output),
+                 "--clip", str(clip), "--sam", str(sam), "--preset", "fast", "--slices", "1:1",
+                 "--report", str(report)])
+    assert code == 0
+    assert [s["name"] for s in slicerio.read_segmentation(str(output))["segments"]] == ["tumor"]
+    assert "given more than once" in caplog.text
+
+
+def test_ctrl_c_in_train_says_what_is_kept_and_how_to_resume(tmp_path, monkeypatch, capsys):
+    from clisc.cohort import run as cohort_run
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cohort_run, "run_cohort", interrupted)
+    code = main(["train", str(tmp_path), "--prompt", "tumor", "--out", str(tmp_path / "run1")])
+    error = capsys.readouterr().err
+    assert code == 130
+    assert "keeps every finished stage" in error and "--resume" in error and "nothing was written" not in error
+
+
+def test_the_fast_preset_help_says_what_it_does():
+    run = subprocess.run([sys.executable, "-m", "clisc", "segment", "--help"], capture_output=True, text=True)
+    assert "the same M2IB saliency" in " ".join(run.stdout.split())
+    assert "cheaper saliency" not in run.stdout

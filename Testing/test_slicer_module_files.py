@@ -1,11 +1,21 @@
-"""The files of both Slicer modules, checked as text: the widget itself needs real Slicer (Qt), so what can be
-checked here is that every widget the code uses is in the .ui, that every parameter-node field is bound to a
-widget of a matching kind, and that the CMake lists install every Python file and resource."""
+"""The files of both Slicer modules and of the extension, checked as text: the widget itself needs real Slicer (Qt), so
+what can be checked here is that every widget the code uses is in the .ui, that every parameter-node field is bound
+to a widget of a matching kind, that the CMake lists install every Python file and resource, that the extension's
+metadata passes the Slicer Extensions Index checks, and that importing a module file installs nothing."""
 from __future__ import annotations
 
+import importlib
+import json
+import os
 import re
+import socket
+import subprocess
+import sys
+import types
 import typing
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 from xml.etree import ElementTree
 
 import pytest
@@ -68,3 +78,111 @@ def test_cmake_lists_install_every_module_file_and_resource(name):
     resources = cmake_list(folder / "CMakeLists.txt", "MODULE_PYTHON_RESOURCES", name)
     assert set(resources) == {str(p.relative_to(folder)) for p in (folder / "Resources").rglob("*") if p.is_file()}
     assert f"add_subdirectory({name})" in (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+
+
+# -- the extension's metadata, as the Slicer Extensions Index checks it
+# (Slicer/ExtensionsIndex scripts/check_description_files.py: the catalogue entry against its JSON schema, the
+# extension and repository names, the category, the scm_url, CMakeLists' icon and screenshot URLs, a LICENSE file)
+
+SCHEMA = ("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
+          "slicer-extension-catalog-entry-schema-v1.0.1.json#")
+SCHEMA_PROPERTIES = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
+                     "build_subdirectory", "enabled", "tier"}  # that schema's "additionalProperties": false
+SCHEMA_REQUIRED = {"$schema", "category", "scm_url"}
+
+
+def cmake_metadata() -> dict:
+    """EXTENSION_* -> value, from the top-level CMakeLists.txt, each on one line as the index's check reads it."""
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    return dict(re.findall(r'^set\((EXTENSION_\w+) "([^"]*)"\)$', text, re.M))
+
+
+def repository_file(url: str, homepage: str) -> Path:
+    """The file in this repository that a raw.githubusercontent.com URL of the homepage's repository names."""
+    owner_repo = urlsplit(homepage).path.strip("/")
+    prefix = f"https://raw.githubusercontent.com/{owner_repo}/main/"
+    assert url.startswith(prefix), url
+    return ROOT / url[len(prefix):]
+
+
+def test_extension_metadata_is_complete_and_its_urls_point_at_files_in_this_repository():
+    metadata = cmake_metadata()
+    for key in ("HOMEPAGE", "CATEGORY", "CONTRIBUTORS", "DESCRIPTION", "ICONURL", "SCREENSHOTURLS", "DEPENDS"):
+        assert metadata.get(f"EXTENSION_{key}", "").strip(), f"EXTENSION_{key} is empty"
+    homepage = urlsplit(metadata["EXTENSION_HOMEPAGE"])
+    assert homepage.scheme == "https" and homepage.netloc == "github.com" and homepage.path.count("/") == 2
+    for contributor in metadata["EXTENSION_CONTRIBUTORS"].split(", "):
+        assert re.fullmatch(r"[^(),]+ \([^()]+\)", contributor), f"not 'Name (Affiliation)': {contributor}"
+    assert metadata["EXTENSION_DEPENDS"].split() == ["PyTorch"]
+
+    text = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    icon = re.findall(r'set\s*\(EXTENSION_ICONURL\s*"([^"]+)"[ ]*\)', text)  # the index check's own patterns
+    screenshots = re.findall(r'set\s*\(EXTENSION_SCREENSHOTURLS\s*"([^"]+)"\)', text)
+    assert icon and screenshots
+    for url in icon + screenshots[0].split():
+        path = repository_file(url, metadata["EXTENSION_HOMEPAGE"])
+        assert path.is_file(), f"{url}: {path} is not in the repository"
+        assert path.suffix == ".png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+
+
+def test_catalogue_entry_follows_the_schema_and_agrees_with_cmake():
+    path = ROOT / "CLISC.json"
+    raw = path.read_bytes()
+    assert b"\r" not in raw  # the index check wants LF line endings
+    entry = json.loads(raw)
+    assert entry["$schema"] == SCHEMA
+    assert SCHEMA_REQUIRED <= set(entry) <= SCHEMA_PROPERTIES
+    assert entry.get("tier", 1) in (1, 3, 5)
+
+    metadata = cmake_metadata()
+    project = re.search(r"^project\((\w+)\)", (ROOT / "CMakeLists.txt").read_text(encoding="utf-8"), re.M).group(1)
+    assert path.stem == project and not project.lower().startswith("slicer")  # the file is named after the extension
+    assert entry["category"] == metadata["EXTENSION_CATEGORY"]
+    assert entry["build_dependencies"] == metadata["EXTENSION_DEPENDS"].split()
+    scm = urlsplit(entry["scm_url"])
+    assert scm.scheme == "https" and entry["scm_url"].removesuffix(".git") == metadata["EXTENSION_HOMEPAGE"]
+    assert "slicer" in scm.path.rsplit("/", 1)[-1].lower()  # the repository is named Slicer<Extension>
+
+
+def test_licence_file_is_the_apache_2_licence_the_readme_names():
+    text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    assert "END OF TERMS AND CONDITIONS" in text and len(text) > 10000  # the full text, not a notice
+    assert "Apache-2.0" in (ROOT / "README.md").read_text(encoding="utf-8")
+    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_modules_build_with_slicers_generic_tests(name):
+    text = (ROOT / name / "CMakeLists.txt").read_text(encoding="utf-8")
+    build = re.search(r"slicerMacroBuildScriptedModule\((.*?)\)", text, re.S).group(1)
+    assert "WITH_GENERIC_TESTS" in build.split()
+
+
+def test_importing_the_module_files_installs_and_downloads_nothing(monkeypatch):
+    import slicer
+
+    for name in MODULES:
+        slicer_module(name)  # stand-ins and MRML first; both imported once, so both are restored afterwards
+    attempts = []
+
+    def refuse(what):
+        def refused(*args, **kwargs):
+            attempts.append(what)
+            raise AssertionError(f"{what} called while importing a module file")
+        return refused
+
+    monkeypatch.setattr(subprocess, "Popen", refuse("subprocess.Popen"))
+    monkeypatch.setattr(os, "system", refuse("os.system"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("socket.connect"))
+    monkeypatch.setattr(urllib.request, "urlopen", refuse("urllib.request.urlopen"))
+    monkeypatch.setattr(slicer.util, "pip_install", refuse("slicer.util.pip_install"))
+    monkeypatch.setitem(sys.modules, "slicer.packaging",
+                        types.SimpleNamespace(pip_ensure=refuse("pip_ensure"), pip_install=refuse("pip_install")))
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(
+        PyTorchUtilsLogic=lambda: types.SimpleNamespace(installTorch=refuse("PyTorchUtils.installTorch"))))
+    for name in MODULES:
+        monkeypatch.delitem(sys.modules, name)
+    for name in MODULES:
+        assert importlib.import_module(name).__file__ == str(ROOT / name / f"{name}.py")
+    assert attempts == []

@@ -9,19 +9,26 @@ and CMake lists are checked as text in test_slicer_module_files.py, and the in-S
 """
 from __future__ import annotations
 
+import sys
+import tomllib
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from conftest import shared_data, slicer_module
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from clisc.errors import Cancelled
+from clisc.models.catalogue import get_entry
 from clisc.models.loaders import load_clip
 from clisc.models.random_weights import TINY_CLIP_CONFIG, save_random_clip, tiny_sam
 from clisc.readers import read_volume
 from clisc.volume import Volume
 from clisc.zeroshot import SegmentResult, ZeroShotSegmenter, preset_options
 
+ROOT = Path(__file__).resolve().parents[1]
 # The same run for the module and for the engine: cheap saliency, every slice, CPU.
 RUN = dict(preset="fast", device="cpu", saliency="gradcam", slices="all")
 
@@ -148,17 +155,17 @@ def test_names_colours_tags_terminology_hierarchy_and_saliency(module, scene, ti
     segmentationNode = module.CLISCSegmentLogic().segment(volumeNode, prompts, clip=clip, sam=sam,
                                                           showSaliency=True, **RUN)
 
-    found = segments(segmentationNode)
-    assert [s.GetName() for s in found] == ["left lung", "brain tumor", "banana", "banana 2"]
-    assert [tag(s, module.PROMPT_TAG) for s in found] == prompts
-    assert len({tuple(np.round(s.GetColor(), 3)) for s in found}) == 4
+    found = segments(segmentationNode)  # the engine segments a prompt given twice once
+    assert [s.GetName() for s in found] == ["left lung", "brain tumor", "banana"]
+    assert [tag(s, module.PROMPT_TAG) for s in found] == prompts[:3]
+    assert len({tuple(np.round(s.GetColor(), 3)) for s in found}) == 3
     terminology = [tag(s, slicer.vtkSegment.GetTerminologyEntryTagName()) for s in found]
     assert "SCT^39607008^Lung~SCT^7771000^Left" in terminology[0]
     assert "SCT^4147007^Mass" in terminology[1] and "SCT^12738006^Brain" in terminology[1]
     assert "123037004" not in terminology[2] and "49755003" not in terminology[2]  # Slicer's default entry
     assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(segmentationNode)) == study
 
-    saliency = [segmentationNode.GetNthNodeReference(module.SALIENCY_REFERENCE, n) for n in range(len(prompts))]
+    saliency = [segmentationNode.GetNthNodeReference(module.SALIENCY_REFERENCE, n) for n in range(len(found))]
     expected = engine_result(Volume(array, ijk_to_ras), prompts, tiny_models).saliency
     for node, reference, segment in zip(saliency, expected, found):
         assert node.GetName() == f"{segment.GetName()} saliency"
@@ -304,3 +311,143 @@ def test_exports_seg_nrrd_labelmap_and_explains_dicom_seg(module, scene, tmp_pat
 
 def test_in_slicer_self_test_runs_on_headless_mrml(module, scene):
     module.CLISCSegmentTest().runTest()
+
+
+# -- first use: Python packages (decided by installed versions; torch and torchvision are the PyTorch extension's)
+
+
+def requirement_name(text: str) -> str:
+    return canonicalize_name(Requirement(text).name)
+
+
+def versions(module, **changes) -> dict:
+    """An installed-version table (canonical name -> version) satisfying every requirement, with ``changes``
+    (None: not installed)."""
+    table = {requirement_name(text): "999" for text in module.REQUIREMENTS + module.TORCH_REQUIREMENTS}
+    table.update({canonicalize_name(name): version for name, version in changes.items()})
+    return {name: version for name, version in table.items() if version is not None}
+
+
+def test_requirements_are_pyprojects_dependencies_with_torch_apart(module):
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    torch = {"torch", "torchvision"}
+    normal = {str(Requirement(text)) for text in dependencies}
+    assert {str(Requirement(text)) for text in module.REQUIREMENTS} == {
+        text for text in normal if requirement_name(text) not in torch}
+    assert {str(Requirement(text)) for text in module.TORCH_REQUIREMENTS} == {
+        text for text in normal if requirement_name(text) in torch}
+    assert len(module.REQUIREMENTS) + len(module.TORCH_REQUIREMENTS) == len(dependencies)
+
+
+def test_unmet_requirements_are_decided_by_installed_versions(module, monkeypatch):
+    assert module.unmetRequirements(["monai>=1.3", "Pillow>=9", "open-clip-torch>=2.23", "tqdm"],
+                                    {"monai": "1.2.0", "pillow": "10.4.0", "open-clip-torch": "2.24.0"}) == [
+        "monai>=1.3", "tqdm"]  # too old, and missing; names compare canonically
+    assert module.unmetRequirements(["torch>=2.1"], {"torch": "2.13.0+cpu"}) == []  # a local build label is fine
+
+    logic = module.CLISCSegmentLogic()
+    monai = next(text for text in module.REQUIREMENTS if requirement_name(text) == "monai")
+    monkeypatch.setattr(module, "installedVersions", lambda: versions(module, monai="0.1", torch=None))
+    assert logic.missingPackages() == [monai]  # importable or not, an old release must be replaced
+    assert logic.missingTorch() == [module.TORCH_REQUIREMENTS[0]]  # torch is never pip's: it is not in REQUIREMENTS
+    assert not {requirement_name(text) for text in module.REQUIREMENTS} & {"torch", "torchvision"}
+    assert module.canonicalName("Open_CLIP.torch") == "open-clip-torch"
+    assert all(name == module.canonicalName(name) for name in module.installedVersions())
+
+
+def test_constraints_pin_the_installed_torch_torchvision_numpy_and_simpleitk(module):
+    installed = {"torch": "2.13.0+cpu", "torchvision": "0.28.0", "numpy": "2.0.2", "simpleitk": "2.4.1", "tqdm": "4.6"}
+    assert module.pipConstraints(installed) == (
+        "torch==2.13.0+cpu\ntorchvision==0.28.0\nnumpy==2.0.2\nSimpleITK==2.4.1\n")
+    assert module.pipConstraints({"numpy": "2.4.6"}) == "numpy==2.4.6\n"  # what is not installed is not pinned
+
+
+def test_install_passes_only_missing_packages_to_pip_with_the_constraints(module, monkeypatch):
+    import slicer
+
+    monai = next(text for text in module.REQUIREMENTS if requirement_name(text) == "monai")
+    tables = [versions(module, monai=None, torch="2.13.0+cpu", torchvision="0.28.0", numpy="2.0.2")]
+    monkeypatch.setattr(module, "installedVersions", lambda: tables[-1])
+    calls = []
+
+    def pip_install(arguments):  # Slicer 5.10: slicer.util.pip_install, the constraints as pip's -c argument
+        assert arguments[0] == "-c"
+        calls.append((Path(arguments[1]).read_text(encoding="utf-8"), arguments[2:]))
+        tables.append(versions(module, monai="1.5.2", torch="2.13.0+cpu", torchvision="0.28.0", numpy="2.0.2"))
+
+    monkeypatch.setattr(slicer.util, "pip_install", pip_install)
+    logic = module.CLISCSegmentLogic()
+    assert logic.installPackages() == []  # monai is new; nothing installed changed version
+    constraints, requirements = calls[0]
+    assert requirements == [monai]
+    assert constraints.splitlines()[:3] == ["torch==2.13.0+cpu", "torchvision==0.28.0", "numpy==2.0.2"]
+    assert logic.installPackages() == [] and len(calls) == 1  # nothing missing: pip is not run
+
+    ensured = []  # Slicer 5.12: slicer.packaging.pip_ensure, which takes the constraints file itself
+    tables.append(versions(module, monai="0.1", numpy="2.0.2"))
+    monkeypatch.setitem(sys.modules, "slicer.packaging", SimpleNamespace(pip_ensure=lambda requirements, **options: (
+        ensured.append((requirements, Path(options["constraints"]).read_text(encoding="utf-8"), options)),
+        tables.append(versions(module, monai="1.5.2", numpy="2.0.2")))))
+    assert logic.installPackages() == ["monai"]
+    requirements, constraints, options = ensured[0]
+    assert requirements == [monai] and "numpy==2.0.2\n" in constraints and len(calls) == 1
+    assert options["requester"] == "CLISC" and not options["prompt_install"]
+
+
+def test_torch_is_asked_of_the_pytorch_extension_never_pip(module, monkeypatch):
+    torch = Requirement(module.TORCH_REQUIREMENTS[0])
+    torchvision = Requirement(module.TORCH_REQUIREMENTS[1])
+    arguments = module.torchInstallArguments(versions(module, torch=None, torchvision=None))
+    assert arguments["askConfirmation"] is True and arguments["torchVersionRequirement"] == str(torch.specifier)
+    assert ("torchvisionVersionRequirement" in arguments) == bool(str(torchvision.specifier))
+    kept = module.torchInstallArguments(versions(module, torch="2.13.0+cpu", torchvision=None))
+    assert kept["torchVersionRequirement"] == "==2.13.0"  # the installed torch stays; torchvision comes paired
+    with pytest.raises(RuntimeError, match="PyTorch Utils module"):
+        module.torchInstallArguments(versions(module, torch="0.1"))
+
+    asked = []
+    monkeypatch.setattr(module, "installedVersions", lambda: versions(module, torch=None, torchvision=None))
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", SimpleNamespace(PyTorchUtilsLogic=lambda: SimpleNamespace(
+        installTorch=lambda **options: asked.append(options) or SimpleNamespace(__version__="2.13.0"))))
+    assert module.installTorch() and asked == [arguments]
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", SimpleNamespace(PyTorchUtilsLogic=lambda: SimpleNamespace(
+        installTorch=lambda **options: None)))  # the user declined
+    assert not module.installTorch()
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # the PyTorch extension is not installed
+    with pytest.raises(RuntimeError, match="PyTorch extension"):
+        module.installTorch()
+
+
+def test_slicer_older_than_5_10_is_refused_with_a_message(module, monkeypatch):
+    import slicer
+
+    assert module.unsupportedSlicerMessage() is None
+    monkeypatch.setattr(module, "sys", SimpleNamespace(version_info=(3, 12, 10, "final", 0)))
+    assert module.unsupportedSlicerMessage() is None  # Slicer 5.10 and 5.12
+    monkeypatch.setattr(module, "sys", SimpleNamespace(version_info=(3, 9, 10, "final", 0)))
+    monkeypatch.setattr(slicer, "app", SimpleNamespace(applicationVersion="5.8.1"), raising=False)
+    assert module.unsupportedSlicerMessage().startswith(
+        "CLISC needs 3D Slicer 5.10 or newer (this is Slicer 5.8.1 with Python 3.9)")
+    with pytest.raises(RuntimeError, match=r"CLISC needs 3D Slicer 5\.10 or newer"):
+        module.CLISCSegmentLogic()
+
+
+# -- the weights cache, shown in the Models section
+
+
+def test_models_section_lists_the_cached_weights_with_sizes_and_removes_them(module, clisc_home):
+    logic = module.CLISCSegmentLogic()
+    assert logic.modelsFolder() == clisc_home / "models"
+    assert logic.installedModels() == []
+    entry = get_entry("sam_vit_b")
+    folder = clisc_home / "models" / entry.name
+    folder.mkdir(parents=True)
+    (folder / entry.files[0].filename).write_bytes(b"\0" * 12345)
+    partial = clisc_home / "models" / "sam_vit_l"
+    partial.mkdir()
+    (partial / (get_entry("sam_vit_l").files[0].filename + ".part")).write_bytes(b"\0" * 100)  # not installed yet
+    assert logic.installedModels() == [(entry.name, folder, 12345)]
+    logic.removeModel(entry.name)
+    assert logic.installedModels() == [] and not folder.exists()
+    assert [module.formatSize(size) for size in (375_042_000, 2_564_550_879, 12_345, 999)] == [
+        "375 MB", "2.6 GB", "12 kB", "999 B"]

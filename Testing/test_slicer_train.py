@@ -328,3 +328,11 @@ def test_a_computed_prediction_reports_progress_and_can_be_cancelled(module, sce
     with pytest.raises(Cancelled):
         logic.loadCase(run_dir, "flipped", "prediction", device="cpu", cancel=cancel)
     assert len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")) == segmentations
+
+
+def test_slicer_older_than_5_10_is_refused_with_a_message(module, monkeypatch):
+    segment = sys.modules["CLISCSegment"]  # CLISCTrain uses CLISCSegment's check
+    assert module.unsupportedSlicerMessage is segment.unsupportedSlicerMessage
+    monkeypatch.setattr(segment, "sys", SimpleNamespace(version_info=(3, 9, 10, "final", 0)))
+    with pytest.raises(RuntimeError, match=r"CLISC needs 3D Slicer 5\.10 or newer \(this is Slicer .* Python 3\.9\)"):
+        module.CLISCTrainLogic()

@@ -1,16 +1,22 @@
 """Volumes in and masks out: formats, geometry (a mask lands on the physical points it came from), bad input."""
 from __future__ import annotations
 
+import gzip
+import os
+import stat
+import struct
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import slicerio
 from conftest import shared_data, write_dicom_series
 
+from clisc import writers
 from clisc.errors import InputError
 from clisc.readers import read_volume
 from clisc.volume import LPS_TO_RAS, Volume
-from clisc.writers import atomic_path, remove_partial_files, write_masks, write_volume
+from clisc.writers import atomic_path, remove_partial_files, write_bytes, write_masks, write_segmentation, write_volume
 
 
 def rotation(x_degrees: float, z_degrees: float) -> np.ndarray:
@@ -238,3 +244,139 @@ def test_empty_image(tmp_path):
     path.write_text("NRRD0004\ntype: float\ndimension: 3\nsizes: 0 4 4\nencoding: raw\n\n")
     with pytest.raises(InputError, match="empty.nrrd"):
         read_volume(path)
+
+
+def noise_volume() -> Volume:
+    """A 12×20×24 (K, J, I) float volume of noise (so that it compresses poorly), 0.8×0.9×2.5 mm."""
+    array = np.random.default_rng(0).uniform(0, 100, size=(12, 20, 24)).astype(np.float32)
+    return Volume(array, np.diag([0.8, 0.9, 2.5, 1.0]))
+
+
+@pytest.mark.parametrize("source", ["written by write_volume", "BraTS FLAIR"])
+def test_truncated_nifti_is_refused(tmp_path, source):
+    """SimpleITK reads a NIfTI cut short (a partial copy or download) without complaint, the missing voxels as
+    zeros: it must be refused, naming the file. Three cuts: the gzip stream cut short (the reported
+    `head -c 217567 flair.nii.gz`), an uncompressed .nii cut short, and a complete gzip stream of a cut .nii."""
+    if source == "BraTS FLAIR":
+        original, cut = shared_data("brats2015/pat0001/flair.nii.gz"), 217567
+    else:
+        original = tmp_path / "whole.nii.gz"
+        write_volume(original, noise_volume())
+        cut = original.stat().st_size // 2
+    assert read_volume(original).array.ndim == 3  # the whole file reads
+    content = original.read_bytes()
+    uncompressed = gzip.decompress(content)
+    cuts = {
+        "cut.nii.gz": content[:cut],
+        "cut.nii": uncompressed[:-1000],
+        "complete_gzip_of_cut.nii.gz": gzip.compress(uncompressed[:-1000]),
+    }
+    for name, data in cuts.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(InputError, match=rf"{name}: the file is truncated or corrupt.*Copy or export it again"):
+            read_volume(tmp_path / name)
+    (tmp_path / "whole.nii").write_bytes(uncompressed)
+    assert read_volume(tmp_path / "whole.nii").array.shape == read_volume(original).array.shape
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz", ".mha"])
+def test_image_with_a_zero_length_dimension_is_refused(tmp_path, suffix):
+    """A 16×16×0 image: SimpleITK reads a NIfTI one as 16×16×1, so the header itself is checked."""
+    one_slice = tmp_path / f"one_slice{suffix}"
+    sitk.WriteImage(sitk.Image(16, 16, 1, sitk.sitkFloat32), str(one_slice))
+    assert read_volume(one_slice).array.shape == (1, 16, 16)
+    content = gzip.decompress(one_slice.read_bytes()) if suffix == ".nii.gz" else one_slice.read_bytes()
+    if suffix == ".mha":
+        content = content.replace(b"DimSize = 16 16 1", b"DimSize = 16 16 0")
+    else:
+        assert struct.unpack_from("<4h", content, 40) == (3, 16, 16, 1)
+        content = content[:46] + struct.pack("<h", 0) + content[48:]
+    empty = tmp_path / f"no_slices{suffix}"
+    empty.write_bytes(gzip.compress(content) if suffix == ".nii.gz" else content)
+    with pytest.raises(InputError, match=rf"no_slices{suffix}: .*16 × 16 × 0.*has 0 slices"):
+        read_volume(empty)
+
+
+def test_seg_nrrd_writes_non_ascii_names_as_utf8_as_slicer_does(tmp_path, monkeypatch):
+    """Slicer writes segment names as UTF-8 bytes in the NRRD header and reads them with ITK's NRRD reader
+    (as SimpleITK does): that reader must return the names exactly. slicerio (via pynrrd, which drops
+    non-ASCII header bytes) must still read the file: its segments, voxels and ASCII names."""
+    volume = Volume(np.zeros((4, 5, 6), np.float32), np.diag([2.0, 2.0, 3.0, 1.0]))
+    masks = [np.zeros(volume.array.shape, bool) for _ in range(3)]
+    for index, mask in enumerate(masks):
+        mask[index, 1:4, 2:5] = True
+    names = ["tumeur cérébrale", "脑肿瘤", "edema"]
+    output = tmp_path / "prompt.seg.nrrd"
+    write_segmentation(output, masks, names, volume, tags=[{"prompt": name} for name in names])
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(output))
+    reader.ReadImageInformation()
+    assert [reader.GetMetaData(f"Segment{index}_Name") for index in range(3)] == names
+    assert reader.GetMetaData("Segment0_Tags") == "prompt:tumeur cérébrale|"
+    assert "Segment1_Name:=脑肿瘤\n".encode() in output.read_bytes().split(b"\n\n")[0] + b"\n"
+    segmentation = slicerio.read_segmentation(str(output))
+    assert len(segmentation["segments"]) == 3 and segmentation["segments"][2]["name"] == "edema"
+    edema = slicerio.extract_segments(segmentation, [("edema", 1)])["voxels"].transpose(2, 1, 0) > 0
+    assert np.array_equal(edema, masks[2])
+
+    def fail(path, utf8):  # a failure (disk full, cancellation) after slicerio wrote the temporary file
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(writers, "_restore_utf8", fail)
+    (tmp_path / "failed").mkdir()
+    with pytest.raises(OSError, match="no space"):
+        write_masks(tmp_path / "failed" / "prompt.seg.nrrd", masks, names, volume)
+    assert list((tmp_path / "failed").iterdir()) == []
+
+
+def test_mhd_header_refers_to_its_data_file_by_the_final_name(tmp_path, monkeypatch):
+    volume = noise_volume()
+    output = tmp_path / "out.mhd"
+    for array in (volume.array, volume.array * 2):  # a new file, then an overwrite
+        write_volume(output, volume, array)
+        assert "ElementDataFile = out.zraw\n" in output.read_text()
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["out.mhd", "out.zraw"]
+        image = sitk.ReadImage(str(output))
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(image), array)
+        np.testing.assert_allclose(image.GetSpacing(), (0.8, 0.9, 2.5))
+    write_masks(tmp_path / "mask.mhd", [volume.array > 50], ["noise"], volume)
+    assert "ElementDataFile = mask.zraw\n" in (tmp_path / "mask.mhd").read_text()
+    assert np.array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "mask.mhd"))), volume.array > 50)
+
+    def fail(temporary, path):  # fails once SimpleITK has written the temporary header and data
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(writers, "_keep_mode", fail)
+    (tmp_path / "failed").mkdir()
+    with pytest.raises(OSError, match="no space"):
+        write_volume(tmp_path / "failed" / "out.mhd", volume)
+    assert list((tmp_path / "failed").iterdir()) == []
+
+
+def test_outputs_get_the_umask_mode_and_an_overwrite_keeps_the_existing_mode(tmp_path):
+    """New files get 0666 minus the umask, as other tools give them (not tempfile's 0600); a file that
+    replaces an existing one keeps that file's mode, as `cp` does."""
+    volume = noise_volume()
+    mask = volume.array > 50
+    mode = lambda path: stat.S_IMODE(path.stat().st_mode)  # noqa: E731
+    previous = os.umask(0o027)
+    try:
+        write_volume(tmp_path / "map.nii.gz", volume)
+        write_masks(tmp_path / "mask.seg.nrrd", [mask], ["tumeur cérébrale"], volume)
+        write_masks(tmp_path / "mask.mhd", [mask], ["noise"], volume)
+        write_bytes(tmp_path / "run.json", b"{}")
+        assert {path.name: mode(path) for path in tmp_path.iterdir()} == {
+            name: 0o640 for name in ["map.nii.gz", "mask.seg.nrrd", "mask.mhd", "mask.zraw", "run.json"]
+        }
+        for name, existing_mode in [("map.nii.gz", 0o644), ("run.json", 0o604), ("mask.mhd", 0o664),
+                                    ("mask.zraw", 0o660)]:
+            (tmp_path / name).chmod(existing_mode)
+        write_volume(tmp_path / "map.nii.gz", volume, volume.array * 2)
+        write_bytes(tmp_path / "run.json", b"[]")
+        write_masks(tmp_path / "mask.mhd", [~mask], ["noise"], volume)
+        assert mode(tmp_path / "map.nii.gz") == 0o644 and mode(tmp_path / "run.json") == 0o604
+        assert mode(tmp_path / "mask.mhd") == 0o664 and mode(tmp_path / "mask.zraw") == 0o660
+        assert (tmp_path / "run.json").read_bytes() == b"[]"
+    finally:
+        os.umask(previous)

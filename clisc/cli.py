@@ -1,17 +1,20 @@
 """The ``clisc`` command line: ``clisc segment | train | apply | models``.
 
-Exit codes: 0 success, 1 internal error, 2 bad input (the message says what was wrong and what to do),
-130 cancelled (Ctrl-C; nothing is written).
+Exit codes: 0 success, 1 internal error, 2 bad input or an environment that cannot run CLISC (the message
+says what was wrong and what to do), 130 cancelled (Ctrl-C; nothing is written, but `train` keeps its finished
+stages for --resume).
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 from . import __version__
+from .environment import check_environment
 from .errors import Cancelled, InputError
 
 logger = logging.getLogger("clisc")
@@ -21,17 +24,29 @@ def _models_list(args: argparse.Namespace) -> None:
     from .models.cache import is_installed, model_dir
     from .models.catalogue import CATALOGUE
 
-    print(f"{'name':<18} {'family':<10} {'architecture':<20} {'size':>9}  {'sha256':<9} {'installed':<9} licence")
+    print(f"{'name':<18} {'family':<10} {'architecture':<20} {'size':>19}  {'sha256':<9} {'installed':<9} licence")
     for entry in CATALOGUE:
-        size = sum(f.size or 0 for f in entry.files)
-        size_text = f"{size / 1e6:.0f} MB" if size > 1e6 else "?"
+        size_text = _models_size_text(entry)
         published = sum(f.sha256 is not None for f in entry.files)
         pinned = (model_dir(entry.name) / "pinned_sha256.json").is_file()
         hashes = ("published" if published == len(entry.files) else "pinned" if pinned
                   else "partial" if published else "unknown")
         installed = "yes" if is_installed(entry) else "no"
-        print(f"{entry.name:<18} {entry.family:<10} {entry.architecture:<20} {size_text:>9}  {hashes:<9} "
+        print(f"{entry.name:<18} {entry.family:<10} {entry.architecture:<20} {size_text:>19}  {hashes:<9} "
               f"{installed:<9} {entry.licence}")
+
+
+def _models_size_text(entry) -> str:
+    """The installed size when the model is installed, else the published size when every file has one, else ?."""
+    from .models.cache import installed_size, is_installed
+
+    if is_installed(entry):
+        size, source = installed_size(entry.name), "installed"
+    elif all(f.size is not None for f in entry.files):
+        size, source = sum(f.size for f in entry.files), "published"
+    else:
+        return "?"
+    return f"{size / 1e9:.2f} GB {source}" if size >= 1e9 else f"{size / 1e6:.0f} MB {source}"
 
 
 def _models_download(args: argparse.Namespace) -> None:
@@ -52,6 +67,13 @@ def _models_import(args: argparse.Namespace) -> None:
     print(import_model(args.name, args.file))
 
 
+def _models_forget(args: argparse.Namespace) -> None:
+    from .models.cache import remove_model
+
+    removed = remove_model(args.name)
+    print("\n".join(f"removed {path}" for path in removed) or f"model '{args.name}' is not installed; nothing removed")
+
+
 def _models_path(args: argparse.Namespace) -> None:
     from .models.cache import clisc_home, model_path
 
@@ -59,14 +81,24 @@ def _models_path(args: argparse.Namespace) -> None:
 
 
 def _check_outputs(source: str, outputs: List[Optional[str]], overwrite: bool) -> None:
-    """Refuse outputs that would overwrite the input, or an existing file without --overwrite."""
+    """Refuse, before any work, outputs that would overwrite the input, an existing file without --overwrite,
+    a folder, or a place that cannot be written."""
     for path in (Path(p) for p in outputs if p):
         if path.resolve() == Path(source).resolve():
             raise InputError(f"{path}: the output would overwrite the input; choose another name")
+        if path.is_dir():
+            raise InputError(f"{path} is a folder; give a file name")
         if path.exists() and not overwrite:
             raise InputError(f"{path} exists; choose another name or pass --overwrite")
         if not path.parent.is_dir():
             raise InputError(f"{path}: the folder {path.parent} does not exist")
+        if not os.access(path.parent, os.W_OK):
+            raise InputError(f"{path}: the folder {path.parent} is not writable")
+
+
+def _check_suffix(path: Optional[str], suffixes: tuple, what: str) -> None:
+    if path and (not str(path).lower().endswith(suffixes) or str(path).lower().endswith(".seg.nrrd")):
+        raise InputError(f"{path}: {what} must end with one of {', '.join(suffixes)}")
 
 
 def _segment(args: argparse.Namespace) -> None:
@@ -75,7 +107,7 @@ def _segment(args: argparse.Namespace) -> None:
     from .models.loaders import describe_model
     from .progress import TqdmProgress
     from .readers import read_volume
-    from .writers import output_kind, write_masks, write_volume
+    from .writers import LABELMAP_SUFFIXES, output_kind, write_bytes, write_masks, write_volume
     from .zeroshot import (
         ZeroShotSegmenter,
         check_options,
@@ -85,6 +117,8 @@ def _segment(args: argparse.Namespace) -> None:
 
     prompts = check_prompts(args.prompt)
     output_kind(args.output)
+    _check_suffix(args.saliency_out, LABELMAP_SUFFIXES, "--saliency-out (a volume file)")
+    _check_suffix(args.report, (".json",), "--report")
     _check_outputs(args.input, [args.output, args.saliency_out, args.report], args.overwrite)
     options = preset_options(
         args.preset, clip=args.clip, sam=args.sam, saliency=args.saliency, prompt_type=args.prompt_type,
@@ -108,7 +142,7 @@ def _segment(args: argparse.Namespace) -> None:
     if args.report:
         report = dict(result.report, models={"clip": describe_model(options.clip, "clip"),
                                              "sam": describe_model(options.sam, "sam")})
-        Path(args.report).write_text(json.dumps(report, indent=1))
+        write_bytes(args.report, json.dumps(report, indent=1).encode())
     for name, mask in zip(result.names, result.masks):
         print(f"{name}: {int(mask.sum())} voxels")
     print(f"wrote {args.output}")
@@ -185,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--negative-prompt", action="append", metavar="TEXT",
                          help="what the target is not (replaces the default negative ensemble; repeatable)")
     segment.add_argument("--preset", choices=["accurate", "fast"], default="accurate",
-                         help="accurate: the papers' defaults; fast: cheaper saliency and bf16 (laptop CPU)")
+                         help="accurate: the papers' defaults in float32; fast: the same M2IB saliency, with CLIP and SAM's "
+                              "image encoder in bfloat16 (quicker on a CPU; masks may differ slightly)")
     segment.add_argument("--clip", metavar="NAME|DIR", help="CLIP: catalogue name or open_clip folder")
     segment.add_argument("--sam", metavar="NAME|FILE", help="SAM: catalogue name or checkpoint file")
     segment.add_argument("--saliency", choices=["m2ib", "gscorecam", "gradcam"])
@@ -244,16 +279,20 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     apply.set_defaults(run=_apply)
 
-    models = commands.add_parser("models", help="list, download, import or locate model weights")
+    models = commands.add_parser("models", help="list, download, import, forget or locate model weights")
     model_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     model_commands.add_parser("list", help="the catalogue and what is installed").set_defaults(run=_models_list)
-    download = model_commands.add_parser("download", help="download a model (resumes; checks sha256)")
+    download = model_commands.add_parser(
+        "download", help="download a model (resumes; checks size, hashes and architecture before installing)")
     download.add_argument("name")
     download.set_defaults(run=_models_download)
     imported = model_commands.add_parser("import", help="install a model from a local file or folder")
     imported.add_argument("name")
     imported.add_argument("file", help="the checkpoint file, or a folder holding the model's files")
     imported.set_defaults(run=_models_import)
+    forget = model_commands.add_parser("forget", help="remove an installed model and its pinned hashes")
+    forget.add_argument("name")
+    forget.set_defaults(run=_models_forget)
     path = model_commands.add_parser("path", help="where models are cached, or where one model is")
     path.add_argument("name", nargs="?")
     path.set_defaults(run=_models_path)
@@ -265,12 +304,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s: %(message)s")
     try:
+        check_environment()
         args.run(args)
     except InputError as error:
         print(f"clisc: error: {error}", file=sys.stderr)
         return 2
     except (Cancelled, KeyboardInterrupt):
-        print("clisc: cancelled; nothing was written", file=sys.stderr)
+        if args.command == "train":
+            print(f"clisc: cancelled; {args.out} keeps every finished stage and case. Run the same command with "
+                  "--resume to continue from there.", file=sys.stderr)
+        else:
+            print("clisc: cancelled; nothing was written", file=sys.stderr)
         return 130
     return 0
 

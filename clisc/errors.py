@@ -10,3 +10,10 @@ class InputError(ValueError):
 
 class Cancelled(RuntimeError):
     """The user cancelled a long operation; nothing was written."""
+
+
+class EnvironmentProblem(InputError):
+    """The Python environment cannot run CLISC: a package is missing, too old, or built for another torch.
+
+    The message names the package, the version found and the one needed, and the command that fixes it.
+    """

@@ -1,25 +1,30 @@
 """Import torchvision even where its compiled operators cannot load against the installed torch.
 
-PyPI's torchvision wheels are built against CUDA torch. Beside a CPU build of torch their ``_C`` library
-fails to load and ``import torchvision`` then raises ``RuntimeError: operator torchvision::nms does not
-exist``, because its fake-tensor registration of ``nms``/``qnms`` is not guarded. ``segment_anything`` and
-``open_clip`` both import torchvision, so the engine calls :func:`import_torchvision` before either.
+PyPI's torchvision wheels for Linux are CUDA builds. Beside a CPU build of torch their compiled library
+(``_C.so``, or ``_C_stable.so`` from 0.29 on) fails to load, and ``import torchvision`` then raises
+``RuntimeError: operator torchvision::nms does not exist``, because its fake-tensor registration of
+``nms``/``qnms`` is not guarded. ``segment_anything``, ``open_clip`` and ``timm`` all import torchvision, so the
+engine calls :func:`import_torchvision` before any of them.
 
-When the compiled operators do not load, this defines the two operator schemas torchvision needs at import
-time, gives ``nms`` a pure-torch implementation (the only compiled operator CLISC's dependencies use), and
-logs one warning. Other compiled operators (roi_align, deform_conv2d...) stay unavailable, as before.
+The real import always runs first. Only when it has failed in exactly that way are the two missing operator
+schemas defined (with a pure-torch ``nms``, the only compiled operator CLISC's dependencies use) and the import
+retried, with one warning. Defining the schemas when the compiled library does load would make torchvision
+register its own on top of them, which aborts the process (C++ terminate), so nothing is defined up front.
+Other compiled operators (roi_align, deform_conv2d...) stay unavailable in the fallback, as before.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
-from pathlib import Path
+import sys
 
 import torch
+
+from .errors import EnvironmentProblem
 
 logger = logging.getLogger(__name__)
 
 _NMS_SCHEMA = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
+_MISSING_OPERATOR = "operator torchvision::nms does not exist"
 _fallback_library = None  # keeps the torch.library.Library alive for the life of the process
 
 
@@ -42,46 +47,54 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     return order[torch.tensor(keep, dtype=torch.long, device=boxes.device)]
 
 
-def _compiled_ops_load() -> bool:
-    spec = importlib.util.find_spec("torchvision")
-    if spec is None or spec.submodule_search_locations is None:
-        return True  # not installed: let the real import report it
-    for folder in spec.submodule_search_locations:
-        for library in Path(folder).glob("_C.*"):
-            try:
-                torch.ops.load_library(str(library))
-                return True
-            except (OSError, ImportError, RuntimeError) as error:
-                logger.debug("torchvision compiled operators do not load: %s", error)
-                return False
-    return False
+def import_torchvision():
+    """Import and return torchvision; install the pure-torch fallback only if the real import fails for want
+    of its compiled operators.
+
+    Raises:
+        EnvironmentProblem: torchvision is not installed, or fails to import for another reason (the message
+            names both versions and says what to install).
+    """
+    if "torchvision" in sys.modules:
+        return sys.modules["torchvision"]
+    try:
+        import torchvision
+    except ImportError as error:
+        _forget_partial_import()
+        raise EnvironmentProblem(
+            f"torchvision does not import ({error}). Install the torchvision release that matches torch "
+            f"{torch.__version__} (in 3D Slicer: with the PyTorch extension's PyTorch Utils module)."
+        ) from None
+    except RuntimeError as error:
+        _forget_partial_import()
+        if _MISSING_OPERATOR not in str(error) or _fallback_library is not None:
+            raise EnvironmentProblem(
+                f"torchvision fails to import beside torch {torch.__version__}: {str(error)[:300]}. Install the "
+                "torchvision release built for this torch (same CUDA or CPU flavour)."
+            ) from None
+        return _import_with_fallback()
+    return torchvision
 
 
-def _define_fallback_operators() -> None:
+def _forget_partial_import() -> None:
+    """Drop the torchvision submodules a failed import left in sys.modules, so that a retry runs them again."""
+    for name in [name for name in sys.modules if name == "torchvision" or name.startswith("torchvision.")]:
+        del sys.modules[name]
+
+
+def _import_with_fallback():
     global _fallback_library
     _fallback_library = torch.library.Library("torchvision", "DEF")
     for name in ("nms", "qnms"):
         _fallback_library.define(name + _NMS_SCHEMA)
     _fallback_library.impl("nms", nms, "CompositeExplicitAutograd")
-
-
-def import_torchvision():
-    """Import and return torchvision, installing the pure-torch fallback first when it is needed."""
-    import sys
-
-    if "torchvision" in sys.modules:
-        return sys.modules["torchvision"]
-    if not _compiled_ops_load():
-        _define_fallback_operators()
-        import torchvision.ops.boxes
-
-        # torchvision.ops.nms refuses to run when the compiled library is missing; ours is registered.
-        torchvision.ops.boxes._assert_has_ops = lambda: None
-        logger.warning(
-            "torchvision's compiled operators do not load against torch %s (mismatched builds); "
-            "using a pure-torch nms. Install the torchvision build that matches torch to remove this warning.",
-            torch.__version__,
-        )
     import torchvision
+    import torchvision.ops.boxes
 
+    # torchvision.ops.nms refuses to run when the compiled library is missing; ours is registered.
+    torchvision.ops.boxes._assert_has_ops = lambda: None
+    logger.warning(
+        "torchvision %s's compiled operators do not load against torch %s (mismatched builds, e.g. PyPI's CUDA "
+        "torchvision beside a CPU torch); using a pure-torch nms. Install the torchvision build that matches "
+        "torch to remove this warning.", torchvision.__version__, torch.__version__)
     return torchvision

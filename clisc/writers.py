@@ -6,7 +6,8 @@ cancellation never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -45,19 +46,44 @@ PARTIAL_MARK = ".partial"  # in the names of files being written; `remove_partia
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (hidden, marked partial, ending with the same suffix so that
-    writers choose the same format); move it onto ``path`` on success, remove it on failure."""
+    writers choose the same format); move it onto ``path`` on success, remove it on failure (nothing is ever
+    left under the final name).
+
+    Permissions: a new file gets 0666 minus the umask, as any file ``open`` creates; a file that replaces an
+    existing one keeps that file's mode (as ``cp`` onto an existing file does).
+    """
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f"{path}: the folder {path.parent} does not exist")
     suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith((".nii.gz", ".seg.nrrd")) else path.suffix
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_MARK + suffix, dir=path.parent)
-    os.close(handle)
+    temporary = _create_partial(path, suffix)
     try:
-        yield Path(temporary)
+        yield temporary
+        _keep_mode(temporary, path)
         os.replace(temporary, path)
     finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+        temporary.unlink(missing_ok=True)
+
+
+def _create_partial(path: Path, suffix: str) -> Path:
+    """Create a new empty file ``.NAME.RANDOM.partialSUFFIX`` beside ``path``, with mode 0666 minus the umask
+    (unlike tempfile.mkstemp's 0600)."""
+    while True:
+        temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}{PARTIAL_MARK}{suffix}"
+        try:
+            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return temporary
+        except FileExistsError:
+            continue
+
+
+def _keep_mode(temporary: Path, path: Path) -> None:
+    """Give ``temporary``, about to replace ``path``, the permission bits of ``path`` if it exists."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return
+    os.chmod(temporary, mode)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
@@ -75,12 +101,38 @@ def remove_partial_files(folder: str | Path) -> list[Path]:
 
 
 def write_volume(path: str | Path, reference: Volume, array: Optional[np.ndarray] = None) -> None:
-    """Write ``array`` (K, J, I) (default: the reference's own) on the reference's grid (NIfTI/NRRD/MHA)."""
+    """Write ``array`` (K, J, I) (default: the reference's own) on the reference's grid (NIfTI/NRRD/MHA/MHD;
+    a .mhd header gets its voxels beside it in NAME.zraw, see `_write_mhd`)."""
     import SimpleITK as sitk
 
     image = reference.to_sitk(array)
     with atomic_path(path) as temporary:
-        sitk.WriteImage(image, str(temporary), useCompression=True)
+        if temporary.suffix.lower() == ".mhd":
+            _write_mhd(image, temporary, Path(path))
+        else:
+            sitk.WriteImage(image, str(temporary), useCompression=True)
+
+
+def _write_mhd(image, header: Path, final: Path) -> None:
+    """Write a MetaImage ``header`` (the temporary name of ``final``) with its compressed voxels in FINAL.zraw.
+
+    SimpleITK names the data file after the header it writes (the temporary one), so the data file is moved to
+    the final name, keeping the mode of a file it replaces, and the header's ElementDataFile is rewritten to
+    match, before the header itself is moved into place. The temporary data file is removed on failure.
+    """
+    import SimpleITK as sitk
+
+    data, final_data = header.with_suffix(".zraw"), final.with_suffix(".zraw")
+    try:
+        sitk.WriteImage(image, str(header), useCompression=True)
+        text, line = header.read_bytes(), f"ElementDataFile = {data.name}\n".encode()
+        if line not in text:
+            raise RuntimeError(f"{header}: SimpleITK did not write its data to {data.name}")
+        header.write_bytes(text.replace(line, f"ElementDataFile = {final_data.name}\n".encode()))
+        _keep_mode(data, final_data)
+        os.replace(data, final_data)
+    finally:
+        data.unlink(missing_ok=True)
 
 
 def write_labelmap(path: str | Path, labels: np.ndarray, reference: Volume) -> None:
@@ -106,23 +158,51 @@ def write_segmentation(
         names: one segment name per mask.
         colors: RGB in 0..1 per mask (default: `SEGMENT_COLORS` in order).
         tags: optional dict of string tags per segment (stored as Slicer segment tags).
+
+    Non-ASCII names and tags are written as UTF-8 bytes in the NRRD header, as 3D Slicer writes them (its
+    strings are UTF-8 and its NRRD writer, teem, copies the bytes) and reads them back (ITK's NRRD reader,
+    as SimpleITK's). pynrrd, which slicerio uses, writes ASCII only, so they go through it as ASCII stand-ins
+    (see `_restore_utf8`). Note that pynrrd 1.1 reads headers as ASCII and drops the other bytes, so
+    ``slicerio.read_segmentation`` returns such names without their non-ASCII characters.
     """
     import slicerio
 
     if len(masks) != len(names):
         raise ValueError(f"{len(masks)} masks but {len(names)} names")
+    utf8: dict[str, str] = {}  # ASCII stand-in -> the non-ASCII text it stands for
+
+    def ascii_text(text: str) -> str:
+        if text.isascii():
+            return text
+        stand_in = f"clisc-utf8-{secrets.token_hex(16)}"
+        utf8[stand_in] = text
+        return stand_in
+
     segmentation = slicerio.create_segmentation(reference.array.shape[::-1], reference.ijk_to_lps)
     for index, (mask, name) in enumerate(zip(masks, names)):
         segment = {
             "id": f"Segment_{index + 1}",
-            "name": name,
+            "name": ascii_text(name),
             "color": list(colors[index] if colors else SEGMENT_COLORS[index % len(SEGMENT_COLORS)]),
         }
         if tags:
-            segment["tags"] = dict(tags[index])
+            segment["tags"] = {ascii_text(key): ascii_text(value) for key, value in tags[index].items()}
         slicerio.add_segment(segmentation, np.asarray(mask, dtype=bool).transpose(2, 1, 0), segment)
     with atomic_path(path) as temporary:
         slicerio.write_segmentation(str(temporary), segmentation)
+        if utf8:
+            _restore_utf8(temporary, utf8)
+
+
+def _restore_utf8(path: Path, utf8: dict[str, str]) -> None:
+    """Replace each ASCII stand-in in the NRRD header of ``path`` (up to its first blank line) by the UTF-8
+    bytes of the text it stands for; the data after the header is kept as is."""
+    content = path.read_bytes()
+    end = content.index(b"\n\n") + 2
+    header = content[:end]
+    for stand_in, text in utf8.items():
+        header = header.replace(stand_in.encode(), text.encode("utf-8"))
+    path.write_bytes(header + content[end:])
 
 
 def write_masks(path: str | Path, masks: Sequence[np.ndarray], names: Sequence[str], reference: Volume) -> None:

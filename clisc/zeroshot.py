@@ -86,8 +86,14 @@ class SegmentResult:
 
 
 def check_prompts(prompts: Sequence[str]) -> List[str]:
-    """Stripped prompts; InputError for none, an empty one, or one too long to be a prompt."""
-    cleaned = [" ".join(str(p).split()) for p in prompts]
+    """Stripped prompts, each once (a repeat is dropped with a warning: it would make a second segment of the
+    same name); InputError for none, an empty one, or one too long to be a prompt."""
+    cleaned = []
+    for prompt in (" ".join(str(p).split()) for p in prompts):
+        if prompt.lower() in (seen.lower() for seen in cleaned):
+            logger.warning("the prompt %r is given more than once; it is segmented once", prompt)
+        else:
+            cleaned.append(prompt)
     if not cleaned:
         raise InputError("give at least one text prompt, e.g. --prompt \"brain tumor\"")
     for prompt in cleaned:

@@ -7,9 +7,8 @@ Dice(Ŝ, S)), S is more likely a sound object; the most self-consistent fraction
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,6 +19,7 @@ from ..metrics import dice
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..prompts import largest_components
 from ..sam import SliceSegmenter
+from ..writers import write_bytes
 from .pseudo_labels import sam_pseudo_label
 
 TABLE_COLUMNS = ("rank", "case_id", "similarity", "kept")
@@ -69,12 +69,11 @@ def rank_cases(similarities: dict[str, float], keep: float) -> list[S3FRow]:
 
 def write_table(rows: list[S3FRow], path: Path) -> None:
     """The similarity table as CSV (rank, case_id, similarity, kept), written atomically."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w", newline="") as file:
-        writer = csv.writer(file)
-        writer.writerow(TABLE_COLUMNS)
-        writer.writerows((row.rank, row.case_id, f"{row.similarity:.6f}", int(row.kept)) for row in rows)
-    os.replace(temporary, path)
+    lines = io.StringIO()
+    writer = csv.writer(lines)
+    writer.writerow(TABLE_COLUMNS)
+    writer.writerows((row.rank, row.case_id, f"{row.similarity:.6f}", int(row.kept)) for row in rows)
+    write_bytes(path, lines.getvalue().encode())
 
 
 def read_table(path: Path) -> list[S3FRow]:

@@ -1,9 +1,11 @@
 """The local weights cache: ``$CLISC_HOME/models/NAME/`` (default ``~/.clisc``).
 
-A catalogue entry is installed when all its files are in its folder. Files are downloaded (with resume and
-sha256 check, see `download`) or imported from a local copy; either way they arrive under a temporary name
-and are renamed only once verified. Where the catalogue publishes no sha256, the hash of the first file
-installed is pinned in ``pinned_sha256.json`` and later downloads or imports must match it.
+A catalogue entry is installed when all its files are in its folder, and they get there all together or not at
+all. Downloaded files (with resume and size/sha256/md5 checks, see `download`) wait in ``NAME/.incoming/``;
+imported ones are checked where they are. Only when every file of the entry has passed its hashes and loads as
+the entry's architecture (`validate.check_weights`) are the files moved onto their final names. Where the
+catalogue publishes no sha256, the hash of the first file installed is then pinned in ``pinned_sha256.json``
+and later downloads or imports must match it; `remove_model` (``clisc models forget``) removes files and pins.
 """
 from __future__ import annotations
 
@@ -12,14 +14,16 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional
 
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback, no_progress
 from .catalogue import CATALOGUE, ModelEntry, RemoteFile, get_entry
-from .download import ChecksumError, download
+from .download import ChecksumError, digest_problem, download, file_digests, hash_file
+from .validate import check_weights
 
 PINS_FILE = "pinned_sha256.json"
+INCOMING = ".incoming"  # a download waits here until the whole entry is validated
 
 
 def clisc_home() -> Path:
@@ -40,6 +44,12 @@ def installed_path(entry: ModelEntry) -> Path:
     return folder / entry.files[0].filename if len(entry.files) == 1 else folder
 
 
+def installed_size(name: str) -> int:
+    """Bytes the installed files of catalogue model ``name`` take (0 when none is installed)."""
+    folder = model_dir(name)
+    return sum((folder / f.filename).stat().st_size for f in _entry(name).files if (folder / f.filename).is_file())
+
+
 def model_path(name: str) -> Path:
     """Path of an installed catalogue model; InputError saying how to install it otherwise."""
     entry = _entry(name)
@@ -53,54 +63,109 @@ def model_path(name: str) -> Path:
 
 
 def download_model(name: str, progress: ProgressCallback = no_progress, cancel: Optional[CancelToken] = None) -> Path:
-    """Download the missing files of a catalogue entry; returns `installed_path`."""
+    """Download a catalogue entry not installed yet, validate it, install it; returns `installed_path`.
+
+    An interrupted download resumes. A file with a wrong size or hash is deleted by `download`; files that do not
+    load as the entry's architecture are all deleted. Either way nothing is installed or pinned."""
     entry = _entry(name)
+    if is_installed(entry):
+        return installed_path(entry)
     folder = model_dir(name)
-    folder.mkdir(parents=True, exist_ok=True)
+    incoming = folder / INCOMING
     pins = _read_pins(folder)
+    digests = {}
     for remote in entry.files:
-        target = folder / remote.filename
-        if target.is_file():
+        target = incoming / remote.filename
+        if target.is_file():  # completed and checked by an earlier, interrupted run
+            digests[remote.filename] = file_sha256(target)
             continue
-        digest = download(
-            remote.url, target, sha256=remote.sha256 or pins.get(remote.filename),
-            sha256_prefix=remote.sha256_prefix, size=remote.size, progress=progress, cancel=cancel,
+        digests[remote.filename] = download(
+            remote.url, target, sha256=remote.sha256 or pins.get(remote.filename), sha256_prefix=remote.sha256_prefix,
+            md5_prefix=remote.md5_prefix, size=remote.size, progress=progress, cancel=cancel,
             import_hint=f"clisc models import {name} FILE_OR_FOLDER",
         )
-        _pin(folder, remote, digest, pins)
-    return installed_path(entry)
+    staged = incoming / entry.files[0].filename if len(entry.files) == 1 else incoming
+    try:
+        check_weights(entry, staged)
+    except InputError as error:
+        shutil.rmtree(incoming)
+        raise InputError(f"{error}\nThe download of '{name}' was deleted and nothing was installed.") from None
+    return _install(entry, incoming, digests, pins)
 
 
 def import_model(name: str, source: str | Path) -> Path:
-    """Install a catalogue entry from a local copy: the file itself (one-file entries), or a folder that
-    holds the entry's files by name. Hashes are checked as for a download; nothing is kept on mismatch."""
+    """Install a catalogue entry from a local copy: the file itself (one-file entries), or a folder that holds the
+    entry's files by name. Every file is checked where it is (the architecture, then size and hashes as for a
+    download) before any is copied; on any failure nothing is installed or pinned."""
     entry = _entry(name)
     source = Path(source)
     if not source.exists():
         raise InputError(f"{source}: no such file or folder")
-    folder = model_dir(name)
-    folder.mkdir(parents=True, exist_ok=True)
-    pins = _read_pins(folder)
-    for remote in entry.files:
-        origin = source / remote.filename if source.is_dir() else source
+    names = ", ".join(f.filename for f in entry.files)
+    if source.is_file() and len(entry.files) > 1:
+        raise InputError(f"{source}: model '{name}' has several files ({names}); give the folder that holds them")
+    origins = {f.filename: source / f.filename if source.is_dir() else source for f in entry.files}
+    for filename, origin in origins.items():
         if not origin.is_file():
-            raise InputError(f"{source}: {remote.filename} is missing (model '{name}' needs: "
-                             f"{', '.join(f.filename for f in entry.files)})")
-        partial = folder / (remote.filename + ".part")
-        shutil.copyfile(origin, partial)
-        digest = file_sha256(partial)
-        expected = remote.sha256 or pins.get(remote.filename)
-        mismatch = (expected and digest != expected) or (
-            not expected and remote.sha256_prefix and not digest.startswith(remote.sha256_prefix))
-        if mismatch:
-            partial.unlink()
-            raise ChecksumError(
-                f"{origin}: sha256 {digest} does not match the expected "
-                f"{expected or remote.sha256_prefix + '...'} for {remote.filename} of model '{name}' "
-                f"({remote.url}); the file was not imported."
-            )
-        os.replace(partial, folder / remote.filename)
-        _pin(folder, remote, digest, pins)
+            raise InputError(f"{source}: {filename} is missing (model '{name}' needs: {names})")
+    try:
+        check_weights(entry, origins[entry.files[0].filename] if len(entry.files) == 1 else source)
+    except InputError as error:
+        urls = "\n  ".join(f.url for f in entry.files)
+        raise InputError(f"{error}\nNothing was imported for '{name}'; its official files are:\n  {urls}") from None
+    folder = model_dir(name)
+    pins = _read_pins(folder)
+    digests = {remote.filename: _checked_sha256(origins[remote.filename], remote, pins, name) for remote in entry.files}
+    incoming = folder / INCOMING
+    shutil.rmtree(incoming, ignore_errors=True)
+    incoming.mkdir(parents=True)
+    try:
+        for filename, origin in origins.items():
+            shutil.copyfile(origin, incoming / filename)
+    except BaseException:
+        shutil.rmtree(incoming, ignore_errors=True)
+        raise
+    return _install(entry, incoming, digests, pins)
+
+
+def remove_model(name: str) -> List[Path]:
+    """Delete catalogue model ``name`` from the cache: its files, its pinned hashes and any partial download.
+    Returns the files removed (none when nothing was there); InputError for a name not in the catalogue."""
+    _entry(name)
+    folder = model_dir(name)
+    if not folder.is_dir():
+        return []
+    removed = sorted(p for p in folder.rglob("*") if p.is_file())
+    shutil.rmtree(folder)
+    return removed
+
+
+def _checked_sha256(path: Path, remote: RemoteFile, pins: dict, name: str) -> str:
+    """The sha256 of ``path``, after its size and hashes were checked against the catalogue and the pins."""
+    pinned = pins.get(remote.filename)
+    actual = file_digests(path)
+    problem = digest_problem(actual, size=remote.size, sha256=remote.sha256 or pinned,
+                             sha256_prefix=remote.sha256_prefix, md5_prefix=remote.md5_prefix)
+    if problem is None:
+        return actual[1]
+    if remote.sha256 is None and pinned is not None:
+        remedy = (f"It differs from the copy installed first, whose sha256 is pinned. If this file is the one you "
+                  f"want, run `clisc models forget {name}` and import it again.")
+    else:
+        remedy = f"It is damaged, incomplete or not the official file: fetch it again from {remote.url}"
+    raise ChecksumError(f"{path}: {problem}, for {remote.filename} of model '{name}'. {remedy} Nothing was imported.")
+
+
+def _install(entry: ModelEntry, incoming: Path, digests: Dict[str, str], pins: dict) -> Path:
+    """Move the validated files from ``incoming`` onto their final names, then pin the unpublished hashes."""
+    folder = model_dir(entry.name)
+    for remote in entry.files:
+        os.replace(incoming / remote.filename, folder / remote.filename)
+        if remote.sha256 is None:
+            pins.setdefault(remote.filename, digests[remote.filename])
+    shutil.rmtree(incoming)
+    if pins:
+        (folder / PINS_FILE).write_text(json.dumps(pins, indent=2))
     return installed_path(entry)
 
 
@@ -116,15 +181,7 @@ def _read_pins(folder: Path) -> dict:
     return json.loads(pins_file.read_text()) if pins_file.is_file() else {}
 
 
-def _pin(folder: Path, remote: RemoteFile, digest: str, pins: dict) -> None:
-    if remote.sha256 is None and remote.filename not in pins:
-        pins[remote.filename] = digest
-        (folder / PINS_FILE).write_text(json.dumps(pins, indent=2))
-
-
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
+    hash_file(path, (digest,))
     return digest.hexdigest()

@@ -1,7 +1,8 @@
-"""Catalogue of the pretrained weights CLISC uses: official URLs, sizes, licences and published sha256.
+"""Catalogue of the pretrained weights CLISC uses: official URLs, sizes, licences and published hashes.
 
-A sha256 is given only where a public source publishes it (cited beside the entry); otherwise it is None and
-the file's hash is pinned in the cache on first download (see clisc.models.cache).
+A size or hash is given only where a public source publishes it (cited beside the entry); a sha256 that is None
+is pinned in the cache on first install (see clisc.models.cache). Hugging Face files are fetched at a pinned
+commit, never at ``main``, so that what is downloaded cannot change under a published or pinned hash.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class RemoteFile:
     sha256: Optional[str]           # None: not published; pinned on first download
     sha256_source: str              # URL that publishes the hash, or why there is none
     sha256_prefix: Optional[str] = None  # a published prefix (torchvision file names), checked when sha256 is None
+    md5_prefix: Optional[str] = None     # a published md5 prefix (Meta's SAM file names), always checked
 
 
 @dataclass(frozen=True)
@@ -30,22 +32,35 @@ class ModelEntry:
     description: str
 
 
-# Meta publishes no checksum; the 6 hex digits in the SAM file names are an md5 prefix, not a sha256 one.
-_SAM_NO_SHA256 = "no sha256 published by Meta (the name's hex suffix is an md5 prefix); pinned on first download"
+# Meta publishes no sha256. The 6 hex digits in the SAM file names are the start of the file's md5: the full md5s
+# 01ec64d29a2fca3f0661936605ae66f8 (vit_b), 0b3195507c641ddb6910d2bb5adee89c (vit_l) and
+# 4b8939a88964f0f4ff5f5b2642c598a6 (vit_h) are checked on every download by IOPaint
+# (https://github.com/Sanster/IOPaint/blob/2f833029aa1d3b3094266a2bbf8eb4cb36923550/iopaint/plugins/interactive_seg.py).
+# Sizes in bytes, as installers check them: https://github.com/metercai/SimpleSDXL/blob/
+# 031f57ff23889e233f9410583bf688e5fbdb0fa6/model_checker.py (all three), and for vit_b and vit_h also
+# https://github.com/SchmollerLab/Cell_ACDC/blob/0034ab43bd19bd04f054e41c922ea9f26be9d009/cellacdc/myutils.py
+# (its vit_l figure, 1249524736, is a rounded progress-bar total).
+_SAM_NO_SHA256 = "no sha256 published by Meta (the md5 prefix in the file name is checked); pinned on first download"
 _HF_SMALL_FILE = "small non-LFS file: the Hub shows no sha256; pinned on first download"
 
 # Pinned revision: its open_clip_pytorch_model.bin is the one whose LFS sha256 is cited below.
 _BIOMEDCLIP = ("https://huggingface.co/microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224/resolve/"
                "9f341de24bfb00180f1b847274256e9b65a3a32e/")
-_BIOMEDBERT = "https://huggingface.co/microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract/resolve/main/"
+# Commit of the Hub repository, seen as its snapshot folder (huggingface_hub names snapshots by commit) in the
+# caches of several unrelated public projects; the Hub pages themselves could not be consulted.
+_BIOMEDBERT = ("https://huggingface.co/microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract/resolve/"
+               "d673b8835373c6fa116d6d8006b33d48734e305d/")
 
 
-def _timm_openai_clip(repo: str) -> Tuple[RemoteFile, ...]:
+def _timm_openai_clip(repo: str, revision: str) -> Tuple[RemoteFile, ...]:
     """OpenAI's CLIP weights as open_clip 3.x fetches them for pretrained='openai' (the hf_hub entries of
     open_clip/pretrained.py): open_clip's local-dir layout, a plain state dict loadable with weights_only.
     OpenAI's own files (openaipublic.azureedge.net/clip/models/<sha256>/ViT-B-16.pt, sha256 in the path and
-    checked by openai/CLIP's clip.py) are TorchScript archives, which weights_only loading refuses."""
-    base = f"https://huggingface.co/timm/{repo}/resolve/main/"
+    checked by openai/CLIP's clip.py) are TorchScript archives, which weights_only loading refuses.
+
+    ``revision`` is a commit of the timm repository, seen as the snapshot folder of Hugging Face caches in several
+    unrelated public projects (with open_clip_pytorch_model.bin in it for ViT-B/16); not checked on the Hub."""
+    base = f"https://huggingface.co/timm/{repo}/resolve/{revision}/"
     return (
         RemoteFile(base + "open_clip_config.json", "open_clip_config.json", None, None, _HF_SMALL_FILE),
         RemoteFile(base + "open_clip_pytorch_model.bin", "open_clip_pytorch_model.bin", None, None,
@@ -59,7 +74,7 @@ CATALOGUE: Tuple[ModelEntry, ...] = (
         family="sam",
         architecture="vit_b",
         files=(RemoteFile("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-                          "sam_vit_b_01ec64.pth", None, None, _SAM_NO_SHA256),),
+                          "sam_vit_b_01ec64.pth", 375_042_383, None, _SAM_NO_SHA256, md5_prefix="01ec64"),),
         licence="Apache-2.0",
         homepage="https://github.com/facebookresearch/segment-anything#model-checkpoints",
         description="Segment Anything, ViT-B image encoder (91M parameters).",
@@ -69,7 +84,7 @@ CATALOGUE: Tuple[ModelEntry, ...] = (
         family="sam",
         architecture="vit_l",
         files=(RemoteFile("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-                          "sam_vit_l_0b3195.pth", None, None, _SAM_NO_SHA256),),
+                          "sam_vit_l_0b3195.pth", 1_249_524_607, None, _SAM_NO_SHA256, md5_prefix="0b3195"),),
         licence="Apache-2.0",
         homepage="https://github.com/facebookresearch/segment-anything#model-checkpoints",
         description="Segment Anything, ViT-L image encoder (308M parameters).",
@@ -79,7 +94,7 @@ CATALOGUE: Tuple[ModelEntry, ...] = (
         family="sam",
         architecture="vit_h",
         files=(RemoteFile("https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-                          "sam_vit_h_4b8939.pth", None, None, _SAM_NO_SHA256),),
+                          "sam_vit_h_4b8939.pth", 2_564_550_879, None, _SAM_NO_SHA256, md5_prefix="4b8939"),),
         licence="Apache-2.0",
         homepage="https://github.com/facebookresearch/segment-anything#model-checkpoints",
         description="Segment Anything, ViT-H image encoder (636M parameters).",
@@ -133,7 +148,7 @@ CATALOGUE: Tuple[ModelEntry, ...] = (
         name="clip_vit_b16",
         family="clip",
         architecture="ViT-B-16-quickgelu",
-        files=_timm_openai_clip("vit_base_patch16_clip_224.openai"),
+        files=_timm_openai_clip("vit_base_patch16_clip_224.openai", "977e3dd0ec55ab8da155f2fbeb6b5f54948b6e3d"),
         licence="MIT",
         homepage="https://github.com/openai/CLIP",
         description="OpenAI CLIP ViT-B/16 (Radford et al. 2021), open_clip local-dir copy on the timm Hub.",
@@ -142,7 +157,7 @@ CATALOGUE: Tuple[ModelEntry, ...] = (
         name="clip_vit_b32",
         family="clip",
         architecture="ViT-B-32-quickgelu",
-        files=_timm_openai_clip("vit_base_patch32_clip_224.openai"),
+        files=_timm_openai_clip("vit_base_patch32_clip_224.openai", "a6f597a30f7b82c51704746581f9a4e41421e878"),
         licence="MIT",
         homepage="https://github.com/openai/CLIP",
         description="OpenAI CLIP ViT-B/32 (Radford et al. 2021), the CLIP of the CLISC paper; open_clip "
@@ -152,8 +167,10 @@ CATALOGUE: Tuple[ModelEntry, ...] = (
         name="resnet50_imagenet",
         family="classifier",
         architecture="resnet50",
+        # Size: torchvision publishes "97.8 MB" (homepage below); 102,530,333 bytes is the count recorded for this
+        # URL in several public download logs and manifests (no official byte count found).
         files=(RemoteFile(
-            "https://download.pytorch.org/models/resnet50-0676ba61.pth", "resnet50-0676ba61.pth", None, None,
+            "https://download.pytorch.org/models/resnet50-0676ba61.pth", "resnet50-0676ba61.pth", 102_530_333, None,
             "torchvision publishes only the first 8 hex digits of the sha256, in the file name "
             "(https://docs.pytorch.org/docs/stable/hub.html#torch.hub.load_state_dict_from_url, check_hash)",
             sha256_prefix="0676ba61"),),

@@ -1,8 +1,9 @@
-"""Download one file over HTTP(S) with resume, progress, cancellation and a sha256 check.
+"""Download one file over HTTP(S) with resume, progress, cancellation and size, sha256 and md5 checks.
 
-The bytes go to ``NAME.part`` next to the destination; only a file that passed the size and checksum
-checks is moved onto the final name (atomically), so the cache never holds a half or corrupt file under
-its real name. An interrupted or cancelled download keeps its ``.part`` and the next call resumes it.
+The bytes go to ``NAME.part`` next to the destination; only a file that passed the checks is moved onto the
+final name (atomically), so a half, corrupt or substituted file never gets the real name. A web page served
+in place of the file (Google Drive's confirmation page, a proxy's login page) is recognised and named.
+An interrupted or cancelled download keeps its ``.part`` and the next call resumes it.
 """
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 from ..errors import Cancelled, InputError
 from ..progress import CancelToken, ProgressCallback, no_progress
 
 CHUNK_BYTES = 64 * 1024
 PROGRESS_EVERY_BYTES = 1024 * 1024
+_HTML_STARTS = (b"<!doctype html", b"<html", b"<head", b"<!--", b"<?xml")
 
 
 class DownloadError(InputError):
@@ -34,6 +36,7 @@ def download(
     destination: Path,
     sha256: Optional[str] = None,
     sha256_prefix: Optional[str] = None,
+    md5_prefix: Optional[str] = None,
     size: Optional[int] = None,
     progress: ProgressCallback = no_progress,
     cancel: Optional[CancelToken] = None,
@@ -47,6 +50,7 @@ def download(
         destination: final path; the parent folder is created. Bytes are streamed to ``destination.part``.
         sha256: expected hex digest of the whole file (checked when given).
         sha256_prefix: expected leading hex digits, checked only when ``sha256`` is not given.
+        md5_prefix: expected leading hex digits of the md5 (checked when given).
         size: expected size in bytes (checked before the hash when given).
         progress: called as ``progress("download NAME", done_bytes, total_bytes, "")`` about every MB;
             ``total_bytes`` is 0 while the server has not told the size.
@@ -55,7 +59,7 @@ def download(
         import_hint: the exact command that imports a manually downloaded copy, shown when fetching fails.
 
     Raises:
-        DownloadError: network failure (``.part`` kept) or HTTP error.
+        DownloadError: network failure (``.part`` kept), HTTP error, or a web page instead of the file (deleted).
         ChecksumError: wrong size or hash (``.part`` deleted).
         Cancelled: ``cancel`` was set.
     """
@@ -63,14 +67,14 @@ def download(
     destination.parent.mkdir(parents=True, exist_ok=True)
     part = destination.with_name(destination.name + ".part")
     stage = f"download {destination.name}"
-    digest = hashlib.sha256()
-    done = _hash_file(part, digest) if part.exists() else 0
+    digests = _new_digests()
+    done = hash_file(part, digests) if part.exists() else 0
 
     request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             if done and response.getcode() != 206:  # the server ignores Range: start over
-                digest, done = hashlib.sha256(), 0
+                digests, done = _new_digests(), 0
             length = response.headers.get("Content-Length")
             total = done + int(length) if length else (size or 0)
             progress(stage, done, total, "")
@@ -83,7 +87,8 @@ def download(
                     if not chunk:
                         break
                     out.write(chunk)
-                    digest.update(chunk)
+                    for digest in digests:
+                        digest.update(chunk)
                     done += len(chunk)
                     if done - reported >= PROGRESS_EVERY_BYTES:
                         progress(stage, done, total, "")
@@ -103,14 +108,17 @@ def download(
             f"here and import it with: {hint}"
         ) from error
 
-    actual = digest.hexdigest()
-    problem = None
-    if size is not None and done != size:
-        problem = f"size {done} bytes instead of {size}"
-    elif sha256 is not None and actual != sha256.lower():
-        problem = f"sha256 {actual} instead of {sha256.lower()}"
-    elif sha256 is None and sha256_prefix is not None and not actual.startswith(sha256_prefix.lower()):
-        problem = f"sha256 {actual} does not start with {sha256_prefix.lower()}"
+    page = html_page(part)
+    if page is not None:
+        part.unlink()
+        kind, remedy = page
+        raise DownloadError(
+            f"the file downloaded from {url} is an HTML page, not a checkpoint ({kind}?); it was deleted. {remedy} "
+            f"Then import the file with: {import_hint or 'clisc models import NAME FILE'}"
+        )
+    actual, md5 = (digest.hexdigest() for digest in digests)
+    problem = digest_problem((done, actual, md5), size=size, sha256=sha256, sha256_prefix=sha256_prefix,
+                             md5_prefix=md5_prefix)
     if problem is not None:
         part.unlink()
         raise ChecksumError(
@@ -121,11 +129,64 @@ def download(
     return actual
 
 
-def _hash_file(path: Path, digest) -> int:
-    """Feed the bytes of ``path`` into ``digest``; return their count."""
+def digest_problem(actual: Tuple[int, str, str], size: Optional[int] = None, sha256: Optional[str] = None,
+                   sha256_prefix: Optional[str] = None, md5_prefix: Optional[str] = None) -> Optional[str]:
+    """What is wrong with a file whose (byte count, sha256, md5) is ``actual``, or None when it is as expected.
+
+    ``sha256_prefix`` is checked only when no whole ``sha256`` is given; ``size`` and ``md5_prefix`` always."""
+    count, actual_sha256, actual_md5 = actual
+    if size is not None and count != size:
+        return f"size {count} bytes instead of {size}"
+    if sha256 is not None and actual_sha256 != sha256.lower():
+        return f"sha256 {actual_sha256} instead of {sha256.lower()}"
+    if sha256 is None and sha256_prefix is not None and not actual_sha256.startswith(sha256_prefix.lower()):
+        return f"sha256 {actual_sha256} does not start with {sha256_prefix.lower()}"
+    if md5_prefix is not None and not actual_md5.startswith(md5_prefix.lower()):
+        return f"md5 {actual_md5} does not start with {md5_prefix.lower()}, the digits in the official file name"
+    return None
+
+
+def file_digests(path: Path) -> Tuple[int, str, str]:
+    """(byte count, sha256, md5) of the file at ``path``, read once."""
+    digests = _new_digests()
+    count = hash_file(path, digests)
+    return (count, *(digest.hexdigest() for digest in digests))
+
+
+def hash_file(path: Path, digests) -> int:
+    """Feed the bytes of ``path`` into each of ``digests``; return their count."""
     count = 0
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(PROGRESS_EVERY_BYTES), b""):
-            digest.update(block)
+            for digest in digests:
+                digest.update(block)
             count += len(block)
     return count
+
+
+def _new_digests() -> tuple:
+    # md5 only for the published prefixes in file names, not for security (FIPS systems allow it so flagged).
+    return hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+
+
+def html_page(path: Path) -> Optional[Tuple[str, str]]:
+    """(what page it probably is, what to do) when the file at ``path`` is an HTML page; None otherwise.
+
+    Servers answer with a page instead of the file when they want a click or a login: Google Drive's
+    virus-scan confirmation for large files, a proxy or portal login, a Hugging Face 'Repository not found'."""
+    with open(path, "rb") as f:
+        head = f.read(64 * 1024)
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if not text.startswith(_HTML_STARTS):  # a checkpoint starts with a zip or pickle header, never with "<"
+        return None
+    if b"google drive" in text or b"drive.google.com" in text or b"drive.usercontent.google.com" in text:
+        return ("Google Drive's download-confirmation page",
+                "Google Drive asks for a click before large files: open the link in a browser, confirm with "
+                "'Download anyway', and use the file it saves.")
+    if b"hugging face" in text or b"huggingface" in text:
+        return ("a Hugging Face error page such as 'Repository not found'",
+                "The repository, revision or file was not found, or needs a login: check the address in a browser.")
+    if b"password" in text or b"login" in text or b"log in" in text or b"sign in" in text:
+        return ("a login page, from a proxy or a portal",
+                "The network asked for a sign-in: sign in with a browser, download the file there and use that copy.")
+    return ("a web page", "Open the link in a browser and download the file itself.")

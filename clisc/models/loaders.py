@@ -1,4 +1,5 @@
-"""Build the real architectures and load their weights (always ``torch.load(..., weights_only=True)``).
+"""Build the real architectures and load their weights (always ``torch.load(..., weights_only=True)``, see
+`clisc.models.validate`, which also says what a file that is no checkpoint is).
 
 A model is named by a catalogue name (installed in the cache) or by a local path: a SAM checkpoint file,
 or a CLIP folder in open_clip's ``local-dir`` layout (``open_clip_config.json`` + weights, plus the Hugging
@@ -10,7 +11,7 @@ import json
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
@@ -18,9 +19,7 @@ from ..errors import InputError
 from ..torchvision_compat import import_torchvision
 from .cache import file_sha256, model_path
 from .catalogue import CATALOGUE
-
-# image_encoder.patch_embed.proj.weight has embed_dim output channels
-SAM_ARCHITECTURE_BY_WIDTH = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
+from .validate import CLIP_WEIGHTS, clip_folder_overrides, load_checkpoint, sam_architecture
 
 
 def resolve(spec: str | Path, family: str) -> Path:
@@ -43,34 +42,6 @@ def describe_model(spec: str | Path, family: str) -> dict:
     path = resolve(spec, family)
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
     return {"spec": str(spec), "path": str(path), "sha256": {f.name: file_sha256(f) for f in files}}
-
-
-def load_checkpoint(path: Path) -> dict:
-    """A state dict from a checkpoint file, read with ``weights_only=True`` (tensors only, no code)."""
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        raise InputError(
-            f"{path}: not a loadable PyTorch checkpoint ({(str(error) or type(error).__name__)[:200]}). "
-            "Only plain tensor checkpoints are accepted (torch.load weights_only=True)."
-        ) from None
-    for key in ("model", "state_dict"):
-        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
-            checkpoint = checkpoint[key]
-    if not isinstance(checkpoint, dict):
-        raise InputError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict of tensors")
-    return checkpoint
-
-
-def sam_architecture(state_dict: dict) -> str:
-    """vit_b, vit_l or vit_h, read off the width of the patch embedding."""
-    weight = state_dict.get("image_encoder.patch_embed.proj.weight")
-    if weight is None:
-        raise InputError("not a Segment Anything checkpoint (no image_encoder.patch_embed.proj.weight tensor)")
-    width = weight.shape[0]
-    if width not in SAM_ARCHITECTURE_BY_WIDTH:
-        raise InputError(f"unknown SAM image encoder width {width}; known: {SAM_ARCHITECTURE_BY_WIDTH}")
-    return SAM_ARCHITECTURE_BY_WIDTH[width]
 
 
 def load_sam(spec: str | Path, device: str | torch.device = "cpu"):
@@ -113,20 +84,13 @@ def load_clip(spec: str | Path, device: str | torch.device = "cpu") -> ClipModel
     config_file = folder / "open_clip_config.json"
     if not config_file.is_file():
         raise InputError(f"{folder}: not an open_clip model folder (no open_clip_config.json)")
-    config = json.loads(config_file.read_text())
-    overrides: dict[str, Any] = {}
-    text_cfg = config.get("model_cfg", {}).get("text_cfg", {})
-    if "hf_model_name" in text_cfg:
-        # A Hugging Face text tower (BiomedCLIP) would fetch its config from the hub; use the folder's copy.
-        if not (folder / "config.json").is_file():
-            raise InputError(f"{folder}: the text tower needs Hugging Face's config.json and tokenizer files "
-                             "in the same folder (`clisc models download` fetches them)")
-        overrides["text_cfg"] = {**text_cfg, "hf_model_name": str(folder), "hf_tokenizer_name": str(folder),
-                                 "hf_model_pretrained": False}
+    overrides = clip_folder_overrides(folder, json.loads(config_file.read_text()))
     try:
         model, preprocess = open_clip.create_model_from_pretrained(
             f"local-dir:{folder}", device=device, weights_only=True, **overrides)
     except (RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as error:
+        if (folder / CLIP_WEIGHTS).is_file():
+            load_checkpoint(folder / CLIP_WEIGHTS)  # says what the file is when it is no plain checkpoint
         raise InputError(f"{folder}: could not load the CLIP model: {str(error)[:300]}") from None
     tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
     normalize = next(t for t in preprocess.transforms if t.__class__.__name__ == "Normalize")

@@ -1,0 +1,198 @@
+"""Weights are validated before they are trusted: installed, pinned or loaded only as what they claim to be.
+
+`load_checkpoint` reads a checkpoint with ``torch.load(..., weights_only=True)``: tensors only, no code runs. When
+that fails it says what the file is instead (an HTML page, a text file, an empty or truncated file, a TorchScript
+archive or a pickle of Python objects, the last two refused for safety) and what to do.
+
+`check_weights` checks that the files of a catalogue entry hold exactly the tensor names and shapes of its
+architecture, built on the meta device (no memory is allocated for it):
+
+- SAM (vit_b, vit_l, vit_h; MedSAM is a vit_b): the state dict loads strictly into segment_anything's
+  ``sam_model_registry[arch]()``;
+- CLIP folder: ``open_clip_config.json`` parses, and the weights load strictly (as open_clip loads them) into the
+  model open_clip builds from that config;
+- classifier: the state dict loads strictly into torchvision's model of that name (``resnet50``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import warnings
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from ..errors import InputError
+from ..torchvision_compat import import_torchvision
+from .catalogue import ModelEntry
+from .download import html_page
+
+CLIP_WEIGHTS = "open_clip_pytorch_model.bin"  # the weights file of a CLIP folder in the catalogue
+# image_encoder.patch_embed.proj.weight has embed_dim output channels
+SAM_ARCHITECTURE_BY_WIDTH = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
+_REFUSED = ("It is refused for safety: loading it could run code stored in the file. Use the official checkpoint "
+            "or, if this file comes from a source you trust, load it in Python there and save its state_dict() "
+            "(plain tensors) with torch.save.")
+
+
+def load_checkpoint(path: Path) -> dict:
+    """A state dict from a checkpoint file, read with ``weights_only=True`` (tensors only, no code).
+
+    A ``model`` or ``state_dict`` entry holding the tensors (training checkpoints) is unwrapped. InputError naming
+    the file, saying what it is and what to do, for anything else."""
+    path = Path(path)
+    page = html_page(path)
+    if page is not None:
+        raise InputError(f"{path} is an HTML page, not a checkpoint ({page[0]}?). {page[1]}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # arbitrary bytes make torch raise almost anything (KeyError for a text file)
+        raise InputError(f"{path}: {_not_a_checkpoint(path, error)}") from None
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+    if not isinstance(checkpoint, dict):
+        raise InputError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict of tensors")
+    return checkpoint
+
+
+def _not_a_checkpoint(path: Path, error: Exception) -> str:
+    """What the file torch could not read is, and what to do, in words."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        return "the file is empty (an interrupted download or copy?). Fetch it again."
+    if head.startswith(b"PK\x03\x04"):
+        if not zipfile.is_zipfile(path):
+            return ("an incomplete PyTorch archive: its end is missing (a truncated download or copy?). "
+                    "Fetch it again.")
+        with zipfile.ZipFile(path) as archive:
+            if any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist()):
+                return f"a TorchScript archive (a compiled model with its code), not plain tensors. {_REFUSED}"
+    pickled = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+    if pickled:
+        return f"a pickle of Python objects ({pickled.group(1)}; a whole pickled model?), not plain tensors. {_REFUSED}"
+    if isinstance(error, EOFError) or "truncated" in str(error):
+        return "an incomplete PyTorch checkpoint (a truncated download or copy?). Fetch it again."
+    text = head.decode("utf-8", "ignore")
+    if len(text) > 0.9 * len(head) and all(c.isprintable() or c in "\t\r\n" for c in text):
+        return (f"a text file, not a PyTorch checkpoint (it begins {text.strip().splitlines()[0][:60]!r}). "
+                "Fetch the checkpoint itself.")
+    return "not a PyTorch checkpoint (torch.load cannot read it). Fetch the checkpoint itself."
+
+
+def sam_architecture(state_dict: dict) -> str:
+    """vit_b, vit_l or vit_h, read off the width of the patch embedding."""
+    weight = state_dict.get("image_encoder.patch_embed.proj.weight")
+    if not isinstance(weight, torch.Tensor):
+        raise InputError("not a Segment Anything checkpoint (no image_encoder.patch_embed.proj.weight tensor)")
+    width = weight.shape[0]
+    if width not in SAM_ARCHITECTURE_BY_WIDTH:
+        raise InputError(f"unknown SAM image encoder width {width}; known: {SAM_ARCHITECTURE_BY_WIDTH}")
+    return SAM_ARCHITECTURE_BY_WIDTH[width]
+
+
+def clip_folder_overrides(folder: Path, config: dict) -> dict:
+    """open_clip model arguments that build a folder's CLIP offline: a Hugging Face text tower (BiomedCLIP's) would
+    fetch its config from the Hub, so it is pointed at the folder's own config.json and tokenizer files."""
+    text_cfg = config.get("model_cfg", {}).get("text_cfg", {})
+    if "hf_model_name" not in text_cfg:
+        return {}
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{folder}: the text tower needs Hugging Face's config.json and tokenizer files "
+                         "in the same folder (`clisc models download` fetches them)")
+    return {"text_cfg": {**text_cfg, "hf_model_name": str(folder), "hf_tokenizer_name": str(folder),
+                         "hf_model_pretrained": False}}
+
+
+def check_weights(entry: ModelEntry, path: Path) -> None:
+    """InputError naming the file unless ``path`` holds exactly the tensors of ``entry``'s architecture.
+
+    ``path`` is what the loaders take: the checkpoint file of a one-file entry, the folder of a CLIP one."""
+    check = {"sam": _check_sam, "clip": _check_clip_folder, "classifier": _check_classifier}[entry.family]
+    check(Path(path), entry.architecture)
+
+
+def _check_sam(path: Path, architecture: str) -> None:
+    import_torchvision()
+    from segment_anything import sam_model_registry
+
+    state_dict = load_checkpoint(path)
+    with _quietly(), torch.device("meta"):
+        model = sam_model_registry[architecture]()
+        problem = _strict_load_problem(lambda: model.load_state_dict(state_dict))
+    if problem is None:
+        return
+    try:
+        held = sam_architecture(state_dict)
+    except InputError:
+        held = architecture
+    other = f" (it holds SAM {held} weights)" if held != architecture else ""
+    raise InputError(f"{path}: not a Segment Anything {architecture} checkpoint{other}: {problem}. Use this model's "
+                     "own file, or import this one under the catalogue name of its architecture.")
+
+
+def _check_clip_folder(folder: Path, architecture: str) -> None:
+    """``architecture`` is the catalogue's description; the folder's own config says what to build."""
+    import_torchvision()
+    import open_clip
+
+    config_file = folder / "open_clip_config.json"
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config["model_cfg"]["vision_cfg"], config["model_cfg"]["text_cfg"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise InputError(f"{config_file}: not a readable open_clip config ({type(error).__name__}: {error}). "
+                         "Fetch it again.") from None
+    weights = folder / CLIP_WEIGHTS
+    load_checkpoint(weights)  # says what the file is when it is no checkpoint at all
+    with _quietly(), torch.device("meta"):
+        try:
+            model = open_clip.create_model(f"local-dir:{folder}", load_weights=False, device="meta",
+                                           **clip_folder_overrides(folder, config))
+        except (TypeError, ValueError, KeyError, RuntimeError, OSError) as error:
+            raise InputError(f"{config_file}: open_clip cannot build a model from it ({error}). "
+                             "Fetch it again.") from None
+        problem = _strict_load_problem(lambda: open_clip.load_checkpoint(model, str(weights)))
+    if problem is not None:
+        raise InputError(f"{weights}: does not fit the CLIP model of {config_file.name}: {problem}. "
+                         "Fetch both files again, from the same source.")
+
+
+def _check_classifier(path: Path, architecture: str) -> None:
+    import_torchvision()
+    import torchvision.models
+
+    state_dict = load_checkpoint(path)
+    with _quietly(), torch.device("meta"):
+        model = getattr(torchvision.models, architecture)()
+        problem = _strict_load_problem(lambda: model.load_state_dict(state_dict))
+    if problem is not None:
+        raise InputError(f"{path}: not a torchvision {architecture} checkpoint: {problem}. Use the catalogue's file.")
+
+
+def _strict_load_problem(load: Callable[[], object]) -> Optional[str]:
+    """None when ``load()``, a strict load_state_dict, succeeds; else the start of torch's account of the missing,
+    unexpected and misshapen tensors."""
+    try:
+        load()
+    except RuntimeError as error:
+        return " ".join(str(error).split())[:400].rstrip(".")
+    return None
+
+
+@contextmanager
+def _quietly():
+    """Silence what building and loading on the meta device prints: torch's warnings that copying into a meta
+    tensor does nothing, and open_clip's log line that no pretrained weights were loaded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
