@@ -92,6 +92,7 @@ class CLISCTrainParameterNode:
     unetEpochs: int = 400
     s3fRounds: int = 1
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
+    sam: str = ""
     applyVolume: vtkMRMLScalarVolumeNode
 
 
@@ -323,6 +324,8 @@ class CLISCTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                            stop_after=None if parameters.trainUNet else "pseudo_labels")
             if self.ui.labelsPath.currentPath:
                 options["labels"] = self.ui.labelsPath.currentPath
+            if parameters.sam.strip():
+                options["sam"] = parameters.sam.strip()
             resume = self.logic.isRun(outputDir)
             self._process = self.logic.run(cohort, parameters.prompt, outputDir, resume=resume, **options)
             self._cancelRequested = False

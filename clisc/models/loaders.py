@@ -19,6 +19,7 @@ from ..errors import InputError
 from ..torchvision_compat import import_torchvision
 from .cache import file_sha256, model_path
 from .catalogue import CATALOGUE
+from .sam_builders import build_sam
 from .validate import CLIP_WEIGHTS, clip_folder_overrides, load_checkpoint, sam_architecture
 
 
@@ -45,17 +46,15 @@ def describe_model(spec: str | Path, family: str) -> dict:
 
 
 def load_sam(spec: str | Path, device: str | torch.device = "cpu"):
-    """A `segment_anything.modeling.Sam` in eval mode; architecture inferred from the checkpoint."""
-    import_torchvision()
-    from segment_anything import sam_model_registry
-
+    """A `segment_anything.modeling.Sam` in eval mode; architecture (vit_b/l/h, litemedsam) inferred from the
+    checkpoint."""
     path = resolve(spec, "sam")
     state_dict = load_checkpoint(path)
     try:
         architecture = sam_architecture(state_dict)
     except InputError as error:
         raise InputError(f"{path}: {error}") from None
-    sam = sam_model_registry[architecture]()
+    sam = build_sam(architecture)
     try:
         sam.load_state_dict(state_dict)
     except RuntimeError as error:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..torchvision_compat import import_torchvision
+from .sam_builders import build_sam
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -25,13 +26,10 @@ TINY_CLIP_CONFIG = {
 
 
 def save_random_sam(path: str | Path, architecture: str = "vit_b", seed: int = 0) -> Path:
-    """Save a randomly initialised SAM (vit_b|vit_l|vit_h) state dict as a ``.pth`` checkpoint."""
-    import_torchvision()
-    from segment_anything import sam_model_registry
-
+    """Save a randomly initialised SAM (vit_b|vit_l|vit_h|litemedsam) state dict as a ``.pth`` checkpoint."""
     torch.manual_seed(seed)
     path = Path(path)
-    torch.save(sam_model_registry[architecture]().state_dict(), path)
+    torch.save(build_sam(architecture).state_dict(), path)
     return path
 
 

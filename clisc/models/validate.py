@@ -7,8 +7,8 @@ archive or a pickle of Python objects, the last two refused for safety) and what
 `check_weights` checks that the files of a catalogue entry hold exactly the tensor names and shapes of its
 architecture, built on the meta device (no memory is allocated for it):
 
-- SAM (vit_b, vit_l, vit_h; MedSAM is a vit_b): the state dict loads strictly into segment_anything's
-  ``sam_model_registry[arch]()``;
+- SAM (vit_b, vit_l, vit_h, litemedsam; MedSAM is a vit_b): the state dict loads strictly into the `Sam` that
+  `sam_builders.build_sam` makes;
 - CLIP folder: ``open_clip_config.json`` parses, and the weights load strictly (as open_clip loads them) into the
   model open_clip builds from that config;
 - classifier: the state dict loads strictly into torchvision's model of that name (``resnet50``).
@@ -30,10 +30,14 @@ from ..errors import InputError
 from ..torchvision_compat import import_torchvision
 from .catalogue import ModelEntry
 from .download import html_page
+from .sam_builders import build_sam
 
 CLIP_WEIGHTS = "open_clip_pytorch_model.bin"  # the weights file of a CLIP folder in the catalogue
 # image_encoder.patch_embed.proj.weight has embed_dim output channels
 SAM_ARCHITECTURE_BY_WIDTH = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
+LITEMEDSAM_PATCH_EMBEDDING = "image_encoder.patch_embed.seq.0.c.weight"  # TinyViT's first convolution
+SAM_NAMES = {"vit_b": "Segment Anything vit_b", "vit_l": "Segment Anything vit_l", "vit_h": "Segment Anything vit_h",
+             "litemedsam": "LiteMedSAM (TinyViT)"}
 _REFUSED = ("It is refused for safety: loading it could run code stored in the file. Use the official checkpoint "
             "or, if this file comes from a source you trust, load it in Python there and save its state_dict() "
             "(plain tensors) with torch.save.")
@@ -86,10 +90,14 @@ def _not_a_checkpoint(path: Path, error: Exception) -> str:
 
 
 def sam_architecture(state_dict: dict) -> str:
-    """vit_b, vit_l or vit_h, read off the width of the patch embedding."""
+    """vit_b, vit_l or vit_h, read off the width of the patch embedding; litemedsam for a TinyViT image encoder
+    (its patch embedding is a convolution stack)."""
+    if isinstance(state_dict.get(LITEMEDSAM_PATCH_EMBEDDING), torch.Tensor):
+        return "litemedsam"
     weight = state_dict.get("image_encoder.patch_embed.proj.weight")
     if not isinstance(weight, torch.Tensor):
-        raise InputError("not a Segment Anything checkpoint (no image_encoder.patch_embed.proj.weight tensor)")
+        raise InputError("not a Segment Anything checkpoint (no image_encoder.patch_embed.proj.weight tensor, "
+                         "nor LiteMedSAM's TinyViT)")
     width = weight.shape[0]
     if width not in SAM_ARCHITECTURE_BY_WIDTH:
         raise InputError(f"unknown SAM image encoder width {width}; known: {SAM_ARCHITECTURE_BY_WIDTH}")
@@ -118,12 +126,10 @@ def check_weights(entry: ModelEntry, path: Path) -> None:
 
 
 def _check_sam(path: Path, architecture: str) -> None:
-    import_torchvision()
-    from segment_anything import sam_model_registry
-
     state_dict = load_checkpoint(path)
-    with _quietly(), torch.device("meta"):
-        model = sam_model_registry[architecture]()
+    # Built without memory on the meta device; TinyViT's constructor reads tensor values, but it is small.
+    with _quietly(), torch.device("cpu" if architecture == "litemedsam" else "meta"):
+        model = build_sam(architecture)
         problem = _strict_load_problem(lambda: model.load_state_dict(state_dict))
     if problem is None:
         return
@@ -131,8 +137,8 @@ def _check_sam(path: Path, architecture: str) -> None:
         held = sam_architecture(state_dict)
     except InputError:
         held = architecture
-    other = f" (it holds SAM {held} weights)" if held != architecture else ""
-    raise InputError(f"{path}: not a Segment Anything {architecture} checkpoint{other}: {problem}. Use this model's "
+    other = f" (it holds {SAM_NAMES.get(held, held)} weights)" if held != architecture else ""
+    raise InputError(f"{path}: not a {SAM_NAMES.get(architecture, architecture)} checkpoint{other}: {problem}. Use this model's "
                      "own file, or import this one under the catalogue name of its architecture.")
 
 
