@@ -229,3 +229,19 @@ def test_a_pseudo_label_from_a_ground_truth_like_cam_overlaps_the_tumour(litemed
     cam = ndimage.binary_erosion(label[k], iterations=4)[None]  # a CAM mask: inside the tumour, smaller than it
     pseudo = sam_pseudo_label(litemedsam, slices, cam)
     assert dice(pseudo[0], label[k]) > 0.6
+
+
+def test_points_beside_a_box_are_not_sent_to_a_box_trained_sam(litemedsam, brats):
+    """LiteMedSAM was trained with boxes only; measured, points added to the box lower its Dice (0.77 -> 0.48 on CT
+    organs with CLISC's 5 + 4 point recipe), so the wrapper sends it the box alone."""
+    images, label = brats
+    k = int(np.argmax(label.sum(axis=(1, 2))))
+    embedding = litemedsam.embed(rgb(images[k])[None])[0]
+    box = box_of(label[k], 5)
+    rows, cols = np.nonzero(~label[k])
+    points = np.array([[cols[0], rows[0]], [cols[-1], rows[-1]]], dtype=float)
+    with_points = litemedsam.predict(embedding, images[k].shape, SamPrompt(box, points, np.array([1, 1]), 1))
+    alone = litemedsam.predict(embedding, images[k].shape, SamPrompt(box, None, None, 1))
+    assert litemedsam.box_prompts_only and np.array_equal(with_points, alone)
+    only_points = litemedsam.predict(embedding, images[k].shape, SamPrompt(None, points, np.array([1, 1]), 1))
+    assert not np.array_equal(only_points, alone)  # without a box the points are all there is, and are used

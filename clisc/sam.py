@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .models.sam_builders import takes_min_max_input
+from .models.sam_builders import box_prompts_only, takes_min_max_input
 from .precision import inference
 from .prompts import SamPrompt, largest_components
 from .sam_speed import accelerate_image_encoder
@@ -46,6 +46,7 @@ class SliceSegmenter:
         self.batch_size = batch_size
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
         self.min_max_input = takes_min_max_input(sam)
+        self.box_prompts_only = box_prompts_only(sam)
 
     def embed(self, images: np.ndarray) -> torch.Tensor:
         """Image embeddings (B, 256, 64, 64) float32 of RGB uint8 slices (B, H, W, 3), for every model here."""
@@ -83,10 +84,11 @@ class SliceSegmenter:
 
     def predict(self, embedding: torch.Tensor, image_shape: tuple, prompt: SamPrompt) -> np.ndarray:
         """Mask (H, W) bool of one slice from its embedding (256, 64, 64): single-mask output, logits > 0
-        (probability 0.5), union over boxes, then the ``prompt.components`` largest blobs."""
+        (probability 0.5), union over boxes, then the ``prompt.components`` largest blobs. A model trained
+        with boxes only (LiteMedSAM) gets the box alone when a prompt has both box and points."""
         sam = self.sam
         points = boxes = None
-        if prompt.points is not None:
+        if prompt.points is not None and not (self.box_prompts_only and prompt.boxes is not None):
             coords = self.transform.apply_coords(prompt.points, image_shape)
             points = (torch.as_tensor(coords, dtype=torch.float, device=self.device)[None],
                       torch.as_tensor(prompt.labels, dtype=torch.int, device=self.device)[None])

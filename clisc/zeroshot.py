@@ -271,6 +271,7 @@ class ZeroShotSegmenter:
             "sam_prompts": {prompts[n]: {str(i): sam_prompts[i][n].as_dict() for i in sam_prompts if n in sam_prompts[i]}
                             for n in range(len(prompts))},
             "slices_embedded": len(to_embed),
+            "sam_box_prompts_only": self.sam.box_prompts_only,  # points given with a box were not sent to SAM
             "seconds": {k: round(v, 3) for k, v in timings.items()},
             "device": str(self.device),
         }
