@@ -44,6 +44,7 @@ from slicer.util import VTKObservationMixin
 
 from clisc.environment import MINIMUM_PYTHON, TORCH_PACKAGES
 from clisc.environment import REQUIREMENTS as ENGINE_REQUIREMENTS
+from clisc.profiles import PROFILES
 
 PROMPT_TAG = "CLISC.Prompt"               # segment tag holding the prompt that made the segment
 SALIENCY_REFERENCE = "CLISC.Saliency"     # segmentation node -> its saliency volumes, in segment order
@@ -243,7 +244,8 @@ class CLISCSegmentParameterNode:
     preset: Annotated[str, Choice(["accurate", "fast"])] = "accurate"
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     saliency: Annotated[str, Choice(["preset", "m2ib", "gscorecam", "gradcam"])] = "preset"
-    promptType: Annotated[str, Choice(["box", "points", "both"])] = "box"
+    profile: Annotated[str, Choice(["auto", *PROFILES])] = "auto"
+    promptType: Annotated[str, Choice(["profile", "box", "points", "both"])] = "profile"
     axis: Annotated[str, Choice(["auto", "axial", "coronal", "sagittal"])] = "auto"
     slices: Annotated[str, Choice(["auto", "all"])] = "auto"
     clip: str = ""
@@ -368,7 +370,9 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                            device=parameters.device, preset=parameters.preset,
                            negativePrompts=splitPrompts(parameters.negativePrompt) or None,
                            saliency=None if parameters.saliency == "preset" else parameters.saliency,
-                           prompt_type=parameters.promptType, axis=parameters.axis, slices=parameters.slices)
+                           profile=parameters.profile,
+                           prompt_type=None if parameters.promptType == "profile" else parameters.promptType,
+                           axis=parameters.axis, slices=parameters.slices)
             trainedRun = self.ui.trainedRunPath.currentPath
             if trainedRun:
                 options = dict(device=parameters.device, trainedRun=trainedRun)
@@ -426,7 +430,9 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for name, mask in zip(job.result.names, job.result.masks):
                 relevant = job.result.report.get("selected_slices", {}).get(name)
                 note = " (no slice looked relevant: try Slices: all)" if not mask.any() and not relevant else ""
-                self.log(f"  {name}: {int(mask.sum())} voxels{note}")
+                profile = job.result.report.get("profiles", {}).get(name)
+                chosen = f", profile {profile['profile']} ({profile['why']})" if profile else ""
+                self.log(f"  {name}: {int(mask.sum())} voxels{chosen}{note}")
             seconds = sum(job.result.report.get("seconds", {}).values())
             self.log(f"Done in {seconds:.0f} s on {job.result.report.get('device')}: {segmentationNode.GetName()}")
             count = segmentationNode.GetNumberOfNodeReferences(SALIENCY_REFERENCE)

@@ -357,11 +357,9 @@ class CLISCTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._process = None
         outputDir = self.ui.outputPath.currentPath
         if process.summary is not None:
-            summary = process.summary
-            self.log(f"Finished: {summary['loaded']} of {summary['cases']} case(s), {len(summary['skipped'])} "
-                     f"skipped; model: {summary['model'] or 'none (stopped after the pseudo-labels)'}")
-            if "mean_dice" in summary:
-                self.log(f"Mean Dice {summary['mean_dice']:.4f}, mean HD95 {summary['mean_hd95_mm']:.2f} mm")
+            from clisc.cohort.run import summary_lines
+
+            self.log("Finished: " + "\n".join(summary_lines(process.summary)))
             self.ui.runPath.currentPath = outputDir
             self._listCases()  # the path may not have changed, the cases have
         elif self._cancelRequested:

@@ -87,6 +87,10 @@ def test_ctrl_c_writes_nothing(tmp_path, small_mri, models, monkeypatch):
     (["--prompt", "x" * 10_000], "characters"),
     (["--prompt", "tumor", "--slices", "3:1"], "--slices"),
     (["--prompt", "tumor", "--axis", "k", "--clip", "no_such_model"], "no_such_model"),
+    (["--prompt", "tumor", "--components", "0"], "--components 0: use a whole number of 1 or more"),
+    (["--prompt", "tumor", "--profile", "kidney"], "unknown profile 'kidney'; use auto or one of tumor, lesion, paired-organ"),
+    (["--prompt", "tumor", "--keep-3d", "biggest"], "use largest, all, or a size in mm³"),
+    (["--prompt", "tumor", "--beta", "0"], "--beta 0.0: use a number above 0"),
 ])
 def test_bad_options_exit_2_and_write_nothing(tmp_path, small_mri, arguments, message, capsys):
     output = tmp_path / "out.seg.nrrd"

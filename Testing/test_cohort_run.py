@@ -7,7 +7,8 @@ the real `segment_anything` classes (256-pixel input) in place of `load_sam`; a 
 
 What random weights can show: every stage runs on real arrays, writes its outputs where the run directory
 says, aligned with the inputs; a killed run resumes to the very same results; bad cases are skipped and
-reported; evaluation reads the labels. What they cannot show: accuracy. A random classifier calls no slice
+reported; evaluation reads the labels; a held-out case (--holdout-split) takes part in no stage
+and is scored apart. What they cannot show: accuracy. A random classifier calls no slice
 abnormal, which would leave CAMs, AMDA and SAM with nothing to do, so `classify` is replaced by one that
 calls every slice abnormal (LayerCAM, AMDA, thresholds and SAM then run for real).
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -28,6 +30,7 @@ from clisc.cohort import classifier
 from clisc.cohort.cases import body_mask
 from clisc.cohort.run import CohortOptions, run_cohort
 from clisc.errors import Cancelled, InputError
+from clisc.metrics import dice
 from clisc.models import loaders
 from clisc.models.random_weights import TINY_CLIP_CONFIG, save_random_clip, tiny_sam
 from clisc.progress import CancelToken
@@ -44,6 +47,8 @@ CLI_OPTIONS = ["--clip-threshold", "0.5", "--classifier-weights", "none", "--cla
                "--patch-size", "32", "--batch-size", "2", "--s3f-rounds", "1", "--s3f-keep", "0.67",
                "--device", "cpu", "--seed", "0"]
 STEPS_BEFORE_UNET = ("slice_labels", "classifier", "cams", "classifier_amda", "cams_amda", "pseudo_labels")
+MEANS = ("mean_dice", "median_dice", "mean_hd95_mm")
+HELD_OUT, TRAINING = "pat0003", ("pat0001", "pat0002")
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +99,7 @@ def test_train_writes_every_stage_output(cli_run, cohort):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["options"]["unet_epochs"] == 2 and config["options"]["labels"] == str(cohort / "labels.csv")
     assert config["labels_used_for_training"] is False
+    assert any(note.startswith("label-free CAM threshold") for note in config["deviations"])
     assert config["normal_prompt"].startswith("an image of brain tissue")
     for case in CASES:
         volume = read_volume(cohort / "images" / f"{case}.nii.gz")
@@ -133,14 +139,22 @@ def test_bad_cases_are_reported_and_skipped(cli_run):
 
 
 def test_evaluation_reports_dice_and_hd95_per_case(cli_run):
-    run_dir, _, _ = cli_run
+    run_dir, _, lines = cli_run
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    assert "diagonal" in metrics["empty_case_rule"]
-    assert set(metrics["cases"]) == set(CASES)
-    assert set(metrics["not_evaluated"]) == {"broken", "zeros"}
-    for scores in metrics["cases"].values():
+    assert "diagonal" in metrics["empty_case_rule"] and "held_out" not in metrics
+    training = metrics["training_cohort"]
+    assert "not a test of generalisation" in training["note"]
+    assert set(training["cases"]) == set(CASES)
+    assert set(training["not_evaluated"]) == {"broken", "zeros"}
+    for scores in training["cases"].values():
         assert 0 <= scores["dice"] <= 1 and scores["hd95_mm"] >= 0 and scores["truth_voxels"] > 0
-    assert metrics["mean_dice"] == pytest.approx(np.mean([s["dice"] for s in metrics["cases"].values()]))
+    values = [s["dice"] for s in training["cases"].values()]
+    assert training["mean_dice"] == pytest.approx(np.mean(values))
+    assert training["median_dice"] == pytest.approx(np.median(values))
+    summary = json.loads(lines[-1])
+    assert summary["training_cohort"] == {"scored": 3, **{key: training[key] for key in MEANS}}
+    assert "held_out" not in summary
+    assert json.loads((run_dir / "summary.json").read_text()) == {k: v for k, v in summary.items() if k != "stage"}
 
 
 def test_json_progress_is_one_object_per_line(cli_run):
@@ -216,5 +230,137 @@ def test_resume_after_interruptions_gives_the_same_results(cli_run, cohort, patc
     assert (run_dir / "s3f" / "round1.csv").read_text() == (reference / "s3f" / "round1.csv").read_text()
     final, expected = (torch.load(d / "unet" / "final.pt", weights_only=True)["model"] for d in (run_dir, reference))
     assert all(torch.equal(final[name], expected[name]) for name in expected)
-    assert (json.loads((run_dir / "metrics.json").read_text())["cases"]
-            == json.loads((reference / "metrics.json").read_text())["cases"])
+    assert (json.loads((run_dir / "metrics.json").read_text())["training_cohort"]
+            == json.loads((reference / "metrics.json").read_text())["training_cohort"])
+
+
+@pytest.fixture(scope="module")
+def holdout_run(cohort, patched, tmp_path_factory):
+    """`clisc train ... --holdout-split test.csv --json-progress`, pat0003 held out: (run dir, the split file,
+    exit code, the JSON events)."""
+    folder = tmp_path_factory.mktemp("holdout")
+    split = folder / "test.csv"
+    split.write_text(f"split,case_id\ntest,{HELD_OUT}\n")
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main(["train", str(cohort / "images"), "--prompt", "brain tumor", "--out", str(folder / "run"),
+                     "--clip", str(cohort / "clip"), "--sam", str(cohort / "sam.pth"),
+                     "--labels", str(cohort / "labels.csv"), "--holdout-split", str(split), "--json-progress",
+                     *CLI_OPTIONS])
+    return folder / "run", split, code, [json.loads(line) for line in stdout.getvalue().splitlines()]
+
+
+def test_a_held_out_case_takes_part_in_no_stage_and_is_scored_apart(holdout_run, cohort):
+    run_dir, split, code, events = holdout_run
+    assert code == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["options"]["holdout_split"] == str(split) and config["held_out_cases"] == [HELD_OUT]
+    for folder, suffix in (("slice_labels", ".json"), ("cams", ".npz"), ("cams_amda", ".npz"),
+                           ("pseudo_labels", ".nii.gz"), ("s3f/round1", ".npz")):
+        assert sorted(path.name for path in (run_dir / folder).iterdir()) == [case + suffix for case in TRAINING]
+    table = (run_dir / "s3f" / "round1.csv").read_text().splitlines()[1:]
+    assert sorted(line.split(",")[1] for line in table) == list(TRAINING)
+    assert [line.split(",")[3] for line in table] == ["1", "0"]  # 0.67 × 2 training cases -> 1 kept
+    # not even loaded before the final U-Net exists
+    held_out_events = [n for n, event in enumerate(events) if event.get("case") == HELD_OUT]
+    assert {events[n]["stage"] for n in held_out_events} == {"load_held_out", "predictions_held_out"}
+    assert min(held_out_events) > max(n for n, event in enumerate(events) if event["stage"] == "unet_round1")
+
+    volume = read_volume(cohort / "images" / f"{HELD_OUT}.nii.gz")
+    prediction = read_volume(run_dir / "predictions" / f"{HELD_OUT}.nii.gz")
+    assert prediction.array.shape == volume.array.shape
+    np.testing.assert_allclose(prediction.ijk_to_ras, volume.ijk_to_ras, atol=1e-4)
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    training, held_out = metrics["training_cohort"], metrics["held_out"]
+    assert sorted(training["cases"]) == list(TRAINING) and set(training["not_evaluated"]) == {"broken", "zeros"}
+    assert list(held_out["cases"]) == [HELD_OUT] and held_out["not_evaluated"] == {}
+    assert "kept out of every stage" in held_out["note"] and metrics["holdout_split"] == str(split)
+    truth = read_volume(cohort / "labels" / f"{HELD_OUT}.nii.gz").array > 0
+    assert held_out["cases"][HELD_OUT]["dice"] == pytest.approx(dice(prediction.array > 0, truth))
+    assert held_out["mean_dice"] == held_out["median_dice"] == held_out["cases"][HELD_OUT]["dice"]
+
+    summary = events[-1]
+    assert summary["loaded"] == 2 and summary["training_cohort"]["scored"] == 2
+    assert summary["held_out"] == {"cases": [HELD_OUT], "predicted": 1, "scored": 1,
+                                   **{key: held_out[key] for key in MEANS}}
+
+
+@pytest.mark.parametrize("name, text", [("test.csv", f"case_id\n{HELD_OUT}\n"),
+                                        ("test.txt", f"# the test set\n{HELD_OUT}\n")])
+def test_evaluate_scores_a_run_on_its_holdout_file(holdout_run, cohort, tmp_path, name, text):
+    run_dir = holdout_run[0]
+    (tmp_path / name).write_text(text)
+    assert main(["evaluate", str(run_dir), str(cohort / "labels.csv"), "--cases", str(tmp_path / name),
+                 "--json", str(tmp_path / "scores.json")]) == 0
+    report = json.loads((tmp_path / "scores.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert list(report["cases"]) == [HELD_OUT] and report["not_evaluated"] == {}
+    assert report["cases"][HELD_OUT]["dice"] == pytest.approx(metrics["held_out"]["cases"][HELD_OUT]["dice"])
+
+
+@pytest.mark.parametrize("text, message", [
+    (None, "no such file"),
+    ("# nothing yet\n\n", "lists no case id"),
+    ("pat0001\npat9999\n", "not case ids of the cohort: pat9999 (its case ids are e.g. broken, pat0001, pat0002"),
+    ("broken\npat0001\npat0002\npat0003\nzeros\n", "lists every case of the cohort: nothing is left to train on"),
+])
+def test_bad_holdout_splits_are_refused_before_any_work(cohort, tmp_path, text, message):
+    split = tmp_path / "test.txt"
+    if text is not None:
+        split.write_text(text)
+    options = CohortOptions(clip=str(cohort / "clip"), sam=str(cohort / "sam.pth"), holdout_split=str(split),
+                            **OPTIONS)
+    with pytest.raises(InputError, match=re.escape(f"--holdout-split {split}") + ".*" + re.escape(message)):
+        run_cohort(cohort / "images", "brain tumor", tmp_path / "run", options)
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
+def test_the_command_line_refuses_a_bad_holdout_split(cohort, tmp_path, capsys):
+    (tmp_path / "test.csv").write_text("case_id\n")
+    assert main(["train", str(cohort / "images"), "--prompt", "brain tumor", "--out", str(tmp_path / "run"),
+                 "--holdout-split", str(tmp_path / "test.csv"), *CLI_OPTIONS]) == 2
+    assert f"--holdout-split {tmp_path / 'test.csv'}: lists no case id" in capsys.readouterr().err
+
+
+def test_resume_keeps_the_holdout_split(holdout_run, cohort, patched, tmp_path, capsys):
+    """--resume refuses another holdout file, or the same file listing other cases; with the same one it
+    finishes at once and prints each cohort's scores; without --labels, the held-out predictions unscored."""
+    run_dir, split, _, _ = holdout_run
+    command = ["train", str(cohort / "images"), "--prompt", "brain tumor", "--out", str(run_dir), "--clip",
+               str(cohort / "clip"), "--sam", str(cohort / "sam.pth"), "--labels", str(cohort / "labels.csv"),
+               "--resume", *CLI_OPTIONS]
+    other = tmp_path / "other.txt"
+    other.write_text("pat0002\n")
+    assert main([*command, "--holdout-split", str(other)]) == 2
+    assert "cannot resume with different settings (--holdout-split, the cases --holdout-split lists)" in (
+        capsys.readouterr().err)
+    original = split.read_text()
+    try:
+        split.write_text("case_id\npat0002\n")
+        assert main([*command, "--holdout-split", str(split)]) == 2
+        assert "cannot resume with different settings (the cases --holdout-split lists)" in capsys.readouterr().err
+    finally:
+        split.write_text(original)
+    assert main([*command, "--holdout-split", str(split)]) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert "2 of 4 training case(s) loaded, 2 skipped, 1 held out" in out
+    assert (f"training cohort (trained on: not a test of generalisation): mean Dice "
+            f"{metrics['training_cohort']['mean_dice']:.4f}") in out
+    assert f"held-out cases: mean Dice {metrics['held_out']['mean_dice']:.4f}" in out and "over 1 case(s)" in out
+
+    # without --labels (it may change on --resume) the held-out case is still predicted, and said not scored
+    prediction = run_dir / "predictions" / f"{HELD_OUT}.nii.gz"
+    expected = read_volume(prediction).array
+    prediction.unlink()
+    (run_dir / "done" / "predictions_held_out").unlink()
+    labels = command.index("--labels")
+    assert main([*command[:labels], *command[labels + 2:], "--holdout-split", str(split)]) == 0
+    out = capsys.readouterr().out
+    np.testing.assert_array_equal(read_volume(prediction).array, expected)
+    assert f"held-out cases: 1 predicted in {run_dir}/predictions, not scored: no --labels" in out
+    assert "mean Dice" not in out
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert "training_cohort" not in summary and summary["held_out"]["predicted"] == 1
+    assert "scored" not in summary["held_out"] and "not scored" in summary["held_out"]["note"]

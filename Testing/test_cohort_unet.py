@@ -139,7 +139,8 @@ class BoxSegmenter:
 
 def test_s3f_ranks_constructed_cases_in_their_known_order(tmp_path):
     """Box: Ŝ = S (similarity 1). Disc: S fills about π/4 of its box (Dice ≈ 0.83). Cross: a thin plus sign fills
-    little of its box (low Dice). Empty prediction: 0, last. A stray blob beside the box is not part of S."""
+    little of its box (low Dice). Empty prediction: dropped, not ranked. A stray blob beside the box is not part
+    of S. Ŝ is kept inside the body."""
     shape = (4, 40, 40)
     slices = np.full(shape, 100, np.uint8)
     box = np.zeros(shape, bool)
@@ -160,20 +161,25 @@ def test_s3f_ranks_constructed_cases_in_their_known_order(tmp_path):
     assert similarities["d_box"] == pytest.approx(1.0)
     disc_area = disc[0].sum()  # about π/4 of its 25×25 bounding box
     assert similarities["c_disc"] == pytest.approx(2 * disc_area / (disc_area + 25 * 25))
-    assert similarities["a_empty"] == 0.0
+    assert similarities["a_empty"] is None
+    body = np.ones(shape, bool)
+    body[:, :, 20:] = False  # the disc's box in the body: 25 rows × 12 columns; S ∩ body is Ŝ ∩ S
+    _, inside = self_consistency(disc, slices, BoxSegmenter(), body)
+    assert inside == pytest.approx(2 * (disc & body)[0].sum() / (disc_area + 25 * 12))
 
-    rows = rank_cases(similarities, keep=0.5)
-    assert [row.case_id for row in rows] == ["d_box", "c_disc", "b_cross", "a_empty"]
-    assert [row.kept for row in rows] == [True, True, False, False]
+    rows = rank_cases(similarities, keep=0.5)  # floor(3 · 0.5) = 1 of the 3 ranked cases
+    assert [(row.rank, row.case_id, row.kept) for row in rows] == [
+        (1, "d_box", True), (2, "c_disc", False), (3, "b_cross", False), (None, "a_empty", False)]
     write_table(rows, tmp_path / "s3f.csv")
     assert read_table(tmp_path / "s3f.csv") == [
-        type(row)(row.rank, row.case_id, round(row.similarity, 6), row.kept) for row in rows]
+        type(row)(row.rank, row.case_id, None if row.similarity is None else round(row.similarity, 6), row.kept)
+        for row in rows]
 
 
-def test_s3f_keep_fraction_rounds_half_up_and_breaks_ties_by_case_id():
+def test_s3f_keeps_the_floor_of_the_fraction_and_breaks_ties_by_case_id():
     rows = rank_cases({"b": 0.5, "a": 0.5, "c": 0.9}, keep=0.8)  # 2.4 cases -> 2
     assert [(row.rank, row.case_id, row.kept) for row in rows] == [(1, "c", True), (2, "a", True), (3, "b", False)]
-    assert sum(row.kept for row in rank_cases({"a": 1.0, "b": 0.5}, keep=0.75)) == 2  # 1.5 -> 2
+    assert sum(row.kept for row in rank_cases({"a": 1.0, "b": 0.5}, keep=0.75)) == 1  # 1.5 -> 1 (METHOD.md)
     assert sum(row.kept for row in rank_cases({"a": 1.0, "b": 0.5}, keep=0.1)) == 1  # at least one
     with pytest.raises(ValueError):
         rank_cases({"a": 1.0}, keep=0)

@@ -210,7 +210,9 @@ def test_clisc_segment_gives_the_masks_the_wrapper_gives(litemedsam, tmp_path, c
         replay = SamPrompt(**{key: None if value is None else np.asarray(value) for key, value in prompt.items()})
         replay.components = int(prompt["components"])
         replayed[k] = litemedsam.predict(embeddings[k], slices[k].shape, replay)
-    replayed = largest_components(replayed, facts["options"]["components"])  # the pipeline's 3D step
+    profile = facts["profiles"]["brain tumor"]
+    assert profile["profile"] == "tumor" and profile["settings"]["keep_3d"] == "largest"
+    replayed = largest_components(replayed, profile["settings"]["components"])  # the pipeline's 3D step
     assert np.array_equal(replayed, written)
 
 

@@ -71,7 +71,7 @@ def test_both_gives_one_box_with_points():
     mask = np.zeros((50, 60), bool)
     mask[10:30, 20:40] = True
     prompt = sam_prompt(mask, "both")
-    assert prompt.boxes.shape == (1, 4) and prompt.points.shape == (5, 2)
+    assert prompt.boxes.shape == (1, 4) and prompt.points.shape == (10, 2)  # MedCLIP-SAMv2: 10 positives
 
 
 def test_unknown_options_are_refused():

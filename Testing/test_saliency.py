@@ -263,7 +263,7 @@ def reference_gscorecam(model, image, text, top_k):
     kept = gradients[0].mean(dim=0).argsort(descending=True)[:top_k]
     scores = []
     for channel in kept:
-        mask = F.interpolate(maps[channel][None, None], size=224, mode="bilinear")[0, 0]
+        mask = F.interpolate(maps[channel][None, None], size=224, mode="bilinear", align_corners=True)[0, 0]  # as the authors do
         mask = (mask - mask.min()) / (mask.max() - mask.min())
         with torch.no_grad():
             features = model.visual(image[None] * mask)

@@ -16,6 +16,7 @@ from typing import List, Optional
 from . import __version__
 from .environment import check_environment
 from .errors import Cancelled, InputError
+from .profiles import PROFILES, PROMPT_TYPES
 
 logger = logging.getLogger("clisc")
 
@@ -121,8 +122,11 @@ def _segment(args: argparse.Namespace) -> None:
     _check_suffix(args.report, (".json",), "--report")
     _check_outputs(args.input, [args.output, args.saliency_out, args.report], args.overwrite)
     options = preset_options(
-        args.preset, clip=args.clip, sam=args.sam, saliency=args.saliency, prompt_type=args.prompt_type,
-        axis=args.axis, device=args.device, slices=args.slices, seed=args.seed,
+        args.preset, clip=args.clip, sam=args.sam, saliency=args.saliency, profile=args.profile, beta=args.beta,
+        components=args.components, box_per_component=args.box_per_component, keep_3d=args.keep_3d,
+        prompt_type=args.prompt_type, relevance_threshold=args.relevance_threshold,
+        relevance_smoothing=args.relevance_smoothing, axis=args.axis, device=args.device, slices=args.slices,
+        seed=args.seed,
         negative_prompts=tuple(check_prompts(args.negative_prompt)) if args.negative_prompt else None)
     volume = read_volume(args.input, series_uid=args.series)
     check_options(volume, options)
@@ -160,7 +164,7 @@ def _numbered(path, index: int, count: int):
 def _train(args: argparse.Namespace) -> None:
     import json
 
-    from .cohort.run import CohortOptions, run_cohort
+    from .cohort.run import CohortOptions, run_cohort, summary_lines
     from .progress import TqdmProgress
 
     options = CohortOptions(**{name: value for name, value in vars(args).items()
@@ -177,11 +181,7 @@ def _train(args: argparse.Namespace) -> None:
     if args.json_progress:
         print(json.dumps({"stage": "finished", **summary}), flush=True)
     else:
-        print(f"{summary['loaded']} of {summary['cases']} case(s) loaded, {len(summary['skipped'])} skipped; "
-              f"model: {summary['model'] or 'none yet (stopped after the pseudo-labels)'}")
-        if "mean_dice" in summary:
-            print(f"mean Dice {summary['mean_dice']:.4f}, mean HD95 {summary['mean_hd95_mm']:.2f} mm "
-                  f"(see {args.out}/metrics.json)")
+        print("\n".join(summary_lines(summary)))
 
 
 def _apply(args: argparse.Namespace) -> None:
@@ -259,7 +259,21 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--sam", metavar="NAME|FILE",
                          help="SAM: catalogue name (litemedsam, sam_vit_b, ...) or checkpoint file")
     segment.add_argument("--saliency", choices=["m2ib", "gscorecam", "gradcam"])
-    segment.add_argument("--prompt-type", choices=["box", "points", "both"])
+    segment.add_argument("--profile", default="auto", metavar="auto|" + "|".join(PROFILES),
+                         help="the target's method settings: " + "; ".join(f"{p.name}: {p.description}"
+                                                                           for p in PROFILES.values())
+                              + " (default auto: from each prompt's words; the report says which and why)")
+    segment.add_argument("--beta", type=float, metavar="B", help="M2IB's β (profile: 2 tumor, 1 otherwise)")
+    segment.add_argument("--components", type=int, metavar="K", help="components kept per slice (and in 3D)")
+    segment.add_argument("--box-per-component", action=argparse.BooleanOptionalAction,
+                         help="one SAM box per component (paired organs) or one around all")
+    segment.add_argument("--keep-3d", metavar="largest|all|MM3",
+                         help="3D components kept: the K largest, all, or those of at least MM3 mm³")
+    segment.add_argument("--prompt-type", choices=list(PROMPT_TYPES), help="SAM's prompt (profile: box)")
+    segment.add_argument("--relevance-threshold", type=float, metavar="F",
+                         help="--slices auto: smoothed CLIP relevance a slice needs (default 0.5)")
+    segment.add_argument("--relevance-smoothing", type=int, metavar="N",
+                         help="--slices auto: slices in the moving average of relevance (default 5)")
     segment.add_argument("--axis", choices=["auto", "axial", "coronal", "sagittal", "i", "j", "k"],
                          help="slice direction (default: the acquisition axis)")
     segment.add_argument("--slices", metavar="auto|all|FIRST:LAST",
@@ -280,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--labels", metavar="DIR_OR_CSV",
                        help="evaluation only (never used for training): folder of CASE_ID.nii.gz labelmaps or a "
                             "CSV with columns case_id,label; foreground = label > 0")
+    train.add_argument("--holdout-split", metavar="FILE",
+                       help=".txt (one case id per line) or .csv (column case_id) of cases kept out of every "
+                            "stage; the final U-Net predicts them, scored apart in metrics.json with --labels")
     train.add_argument("--normal-prompt", metavar="TEXT", help="CLIP's 'normal slice' text (default: derived)")
     train.add_argument("--abnormal-prompt", metavar="TEXT", help="CLIP's 'abnormal slice' text (default: derived)")
     train.add_argument("--clip", metavar="NAME|DIR", help="CLIP (default clip_vit_b32, the paper's)")
@@ -325,7 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--label", type=int, metavar="N", help="score label value N only (default: label > 0)")
     evaluate.add_argument("--segment", metavar="NAME",
                           help="score this segment of .seg.nrrd predictions (default: any segment)")
-    evaluate.add_argument("--cases", metavar="FILE", help="text or CSV list of the case ids to score (e.g. a test set)")
+    evaluate.add_argument("--cases", metavar="FILE",
+                          help="text or CSV list of the case ids to score (e.g. the --holdout-split file of "
+                               "`clisc train`)")
     evaluate.add_argument("--nsd-tolerance", type=float, default=2.0, metavar="MM",
                           help="surface distance counted as correct by NSD, in mm (default 2)")
     evaluate.add_argument("--json", metavar="FILE.json", help="write every score and the summary as JSON")

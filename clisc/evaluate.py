@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from .cohort.cases import list_cohort
+from .cohort.cases import list_cohort, read_case_list
 from .cohort.run import LABEL_SUFFIXES, label_paths
 from .errors import InputError
 from .metrics import EMPTY_CASE_RULE, NSD_TOLERANCE_MM, evaluate
@@ -85,7 +85,7 @@ def match_cases(prediction: Path, labels: Path, cases_file: Optional[Path] = Non
     else:
         label_files = label_paths(labels)
     if cases_file is not None:
-        case_ids = read_case_list(cases_file)
+        case_ids = read_case_list(cases_file, "--cases")
     elif prediction.is_file():
         case_ids = list(predictions)
     else:
@@ -121,24 +121,6 @@ def prediction_paths(prediction: Path) -> dict[str, Path]:
         hint = " (`clisc train` writes them at the end of a run given --labels)" if folder != prediction else ""
         raise InputError(f"{folder}: holds no prediction file ({', '.join(PREDICTION_SUFFIXES)}){hint}")
     return found
-
-
-def read_case_list(path: Path) -> list[str]:
-    """Case ids from a text file (one per line, ``#`` starts a comment) or a CSV (the column headed case_id,
-    else the first column of every row)."""
-    if not path.is_file():
-        raise InputError(f"--cases {path}: no such file")
-    with open(path, newline="") as handle:
-        if path.suffix.lower() == ".csv":
-            rows = [[cell.strip() for cell in row] for row in csv.reader(handle)]
-            header = bool(rows) and "case_id" in rows[0]
-            column = rows[0].index("case_id") if header else 0
-            ids = [row[column] for row in rows[1 if header else 0:] if len(row) > column and row[column]]
-        else:
-            ids = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
-    if not ids:
-        raise InputError(f"--cases {path}: lists no case id")
-    return ids
 
 
 def read_mask(path: Path, value: Optional[int] = None, segment: Optional[str] = None) -> Volume:

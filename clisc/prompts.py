@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-from skimage.filters import threshold_isodata, threshold_otsu
+from skimage.filters import threshold_otsu
 from skimage.measure import label
+
+KMEANS_GRID = 256  # the side the saliency is clustered at (MedCLIP-SAMv2)
 
 
 @dataclass
@@ -37,36 +39,70 @@ def largest_components(mask: np.ndarray, count: int) -> np.ndarray:
     return np.isin(labels, keep)
 
 
+def components_of_at_least(mask: np.ndarray, size: int) -> np.ndarray:
+    """The connected components of a boolean mask (2D or 3D, full connectivity) of ``size`` voxels or more."""
+    labels = label(mask, connectivity=mask.ndim)
+    sizes = np.bincount(labels.ravel())
+    return np.isin(labels, np.flatnonzero(sizes[1:] >= size) + 1)
+
+
 def coarse_mask(saliency: np.ndarray, method: str = "kmeans", components: int = 1,
                 threshold: float = 0.3) -> np.ndarray:
     """Binarise a saliency map (H, W) in [0, 1] and keep its ``components`` largest blobs.
 
-    Methods: "kmeans" (two clusters of saliency values; in 1D that is the ISODATA threshold), "otsu", or
-    "fixed" (``threshold``). A flat map gives an empty mask.
+    Methods: "kmeans" (two clusters of saliency values, `two_means_cut`) on the map
+    resampled to 256×256 by nearest neighbour (`resize_nearest`), the mask brought back the same way
+    (MedCLIP-SAMv2's post-processing); "otsu"; or "fixed" (``threshold``). A flat map gives an empty mask.
     """
     if np.ptp(saliency) < 1e-6:
         return np.zeros(saliency.shape, dtype=bool)
     if method == "kmeans":
-        cut = threshold_isodata(saliency)
+        grid = resize_nearest(saliency, (KMEANS_GRID, KMEANS_GRID))
+        if np.ptp(grid) < 1e-6:  # what varies fell between the samples
+            return np.zeros(saliency.shape, dtype=bool)
+        binary = resize_nearest(grid > two_means_cut(grid), saliency.shape)
     elif method == "otsu":
-        cut = threshold_otsu(saliency)
+        binary = saliency > threshold_otsu(saliency)
     elif method == "fixed":
-        cut = threshold
+        binary = saliency > threshold
     else:
         raise ValueError(f"unknown coarse-mask method {method!r}; use kmeans, otsu or fixed")
-    return largest_components(saliency > cut, components)
+    return largest_components(binary, components)
+
+
+def two_means_cut(values: np.ndarray, iterations: int = 100) -> float:
+    """The threshold between the two clusters of k-means (k = 2) on the values, exactly (no histogram bins):
+    Lloyd's iterations from the extreme values, then the midpoint of the two centroids."""
+    values = values.ravel()
+    low, high = float(values.min()), float(values.max())
+    for _ in range(iterations):
+        cut = (low + high) / 2
+        new = float(values[values <= cut].mean()), float(values[values > cut].mean())
+        if new == (low, high):
+            break
+        low, high = new
+    return (low + high) / 2
+
+
+def resize_nearest(image: np.ndarray, shape: tuple) -> np.ndarray:
+    """``image`` (H, W) resized to ``shape`` by nearest neighbour between pixel centres: output pixel t takes
+    source pixel floor((t + ½) · source size / target size) on each axis. (OpenCV's INTER_NEAREST, in the
+    reference, takes floor(t · source / target), which shifts a resized-and-back mask by up to one pixel
+    towards the origin.)"""
+    rows, cols = ((2 * np.arange(new) + 1) * old // (2 * new) for old, new in zip(image.shape, shape))
+    return image[np.ix_(rows, cols)]
 
 
 def sam_prompt(mask: np.ndarray, prompt_type: str = "box", box_per_component: bool = False,
-               positive_points: int = 5, negative_points: int = 0,
+               positive_points: int = 10, negative_points: int = 0,
                rng: Optional[np.random.Generator] = None) -> Optional[SamPrompt]:
     """SAM prompts from a coarse mask (H, W); None when the mask is empty.
 
     Args:
         prompt_type: "box", "points" or "both".
         box_per_component: one box per connected component (paired organs) instead of one around all.
-        positive_points / negative_points: points sampled inside the mask / outside its bounding box
-            (seeded by ``rng``).
+        positive_points / negative_points: points sampled without replacement inside the mask / outside
+            it (MedCLIP-SAMv2's defaults: 10 positives, no negatives), seeded by ``rng``.
     """
     if prompt_type not in ("box", "points", "both"):
         raise ValueError(f"unknown prompt type {prompt_type!r}; use box, points or both")
@@ -83,10 +119,7 @@ def sam_prompt(mask: np.ndarray, prompt_type: str = "box", box_per_component: bo
     if prompt_type in ("points", "both"):
         inside = np.argwhere(mask)[:, ::-1]
         chosen = inside[rng.choice(len(inside), min(positive_points, len(inside)), replace=False)]
-        outside_box = np.ones(mask.shape, dtype=bool)
-        x0, y0, x1, y1 = _bounding_box(mask)
-        outside_box[y0:y1 + 1, x0:x1 + 1] = False
-        outside = np.argwhere(outside_box)[:, ::-1]
+        outside = np.argwhere(~mask)[:, ::-1]
         negatives = outside[rng.choice(len(outside), min(negative_points, len(outside)), replace=False)]
         points = np.concatenate([chosen, negatives]).astype(float)
         point_labels = np.r_[np.ones(len(chosen), int), np.zeros(len(negatives), int)]

@@ -1,13 +1,15 @@
 """Zero-shot text-prompted segmentation of a volume or 2D image (METHOD.md §A, MedCLIP-SAM).
 
 Per prompt: CLIP decides which slices show the target (positive prompt ensemble against a negative one,
-smoothed along the slice axis), a saliency map (M2IB, gScoreCAM or GradCAM) on those slices gives a
-coarse mask, the mask gives box/point prompts, SAM draws the slice masks, and the stacked masks keep their
-largest 3D connected components. SAM image embeddings are computed once per slice for all prompts.
+smoothed along the slice axis: our gate, in neither paper), a saliency map (M2IB, gScoreCAM or GradCAM) on
+those slices gives a coarse mask, the mask gives box/point prompts, SAM draws the slice masks, and the
+stacked masks keep the 3D components the prompt's target profile (`clisc.profiles`) says. SAM image
+embeddings are computed once per slice for all prompts.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, List, Optional, Sequence
@@ -16,10 +18,12 @@ import numpy as np
 import torch
 from scipy.ndimage import uniform_filter1d
 
-from .clip_scoring import NEGATIVE_PROMPTS, ClipScorer
+from .clip_scoring import NEGATIVE_PROMPTS, POSITIVE_TEMPLATES, ClipScorer
+from . import deviations
 from .errors import InputError
+from .profiles import OVERRIDABLE, PROFILES, Profile, choose_profile, min_component_mm3, with_overrides
 from .progress import CancelToken, ProgressCallback, no_progress
-from .prompts import SamPrompt, coarse_mask, largest_components, sam_prompt
+from .prompts import SamPrompt, coarse_mask, components_of_at_least, largest_components, sam_prompt
 from .saliency import compute_saliency
 from .volume import Volume
 
@@ -38,17 +42,20 @@ class SegmentOptions:
     clip: str = "biomedclip"
     sam: str = "sam_vit_b"
     saliency: str = "m2ib"
-    saliency_options: Dict[str, float] = field(default_factory=dict)
-    prompt_type: str = "box"
+    saliency_options: Dict[str, float] = field(default_factory=dict)  # β is `beta`, not here
+    profile: str = "auto"                   # a `clisc.profiles.PROFILES` name, or auto: from each prompt's words
+    beta: Optional[float] = None            # these five, when given, replace the profile's settings
+    components: Optional[int] = None
+    box_per_component: Optional[bool] = None
+    prompt_type: Optional[str] = None
+    keep_3d: Optional[str] = None           # largest | all | a size in mm³
     axis: str = "auto"                      # auto | axial | coronal | sagittal | k | j | i
     slices: str = "auto"                    # auto (CLIP relevance) | all | FIRST:LAST (inclusive, 0-based)
     negative_prompts: Sequence[str] = NEGATIVE_PROMPTS
     relevance_threshold: float = 0.5
     relevance_smoothing: int = 5            # slices in the moving average of relevance along the axis
     coarse_method: str = "kmeans"
-    components: int = 1                     # connected components kept (2D coarse mask and 3D result)
-    box_per_component: bool = False
-    positive_points: int = 5
+    positive_points: int = 10               # MedCLIP-SAMv2's defaults for the points mode
     negative_points: int = 0
     device: str = "auto"                    # auto | cpu | cuda
     clip_precision: str = "float32"         # float32 | bfloat16 | float16 (under autocast)
@@ -58,11 +65,13 @@ class SegmentOptions:
 
 
 PRESETS = {
-    # The papers' defaults: M2IB with 10 Adam steps on 10 noise samples, SAM in full precision.
+    # The papers' defaults: M2IB with 10 Adam steps on 10 noise samples (β from the target profile), SAM in
+    # full precision.
     "accurate": {"saliency": "m2ib", "saliency_options": {"steps": 10, "samples": 10}},
-    # A laptop CPU: the same M2IB, with CLIP and the SAM encoder under bf16 autocast (2-3x faster on CPU;
-    # saliency maps correlate > 0.9 with float32 ones), and LiteMedSAM, the medical SAM that ships with CLISC
-    # (75 GFLOP per slice against vit_b's 972; see the README for the measured speed and accuracy).
+    # A laptop CPU: the same M2IB, with CLIP and the SAM encoder under bf16 autocast (LiteMedSAM's encoder 1.6-1.9x
+    # faster on 2 cores; its masks differ from float32 ones by a median of 18 pixels per slice, at equal Dice),
+    # and LiteMedSAM, the medical SAM that ships with CLISC (75 GFLOP per slice against vit_b's 972). The
+    # README's "Accuracy and speed" has the measurements.
     "fast": {"saliency": "m2ib", "saliency_options": {"steps": 10, "samples": 10}, "sam": "litemedsam",
              "clip_precision": "bfloat16", "sam_precision": "bfloat16"},
 }
@@ -147,11 +156,41 @@ def slice_range(spec: str, count: int) -> np.ndarray:
 
 
 def check_options(volume: Volume, options: SegmentOptions) -> int:
-    """Validate what depends on the volume before any model is loaded; returns the slice axis."""
+    """Validate the options, with what depends on the volume, before any model is loaded; returns the slice
+    axis."""
     axis = slice_axis(volume, options.axis)
     slice_range(options.slices, volume.array.shape[axis])
     resolve_device(options.device)
+    choose_profile("", options.profile)
+    if not 0 <= options.relevance_threshold <= 1 or options.relevance_smoothing < 1:
+        raise InputError(f"relevance threshold {options.relevance_threshold} and smoothing "
+                         f"{options.relevance_smoothing}: use a threshold in [0, 1] and at least 1 slice")
+    with_overrides(PROFILES["organ"], **profile_overrides(options))
+    if "beta" in options.saliency_options:
+        raise InputError("give M2IB's beta as SegmentOptions.beta (--beta), not in saliency_options")
     return axis
+
+
+def profile_overrides(options: SegmentOptions) -> dict:
+    return {key: getattr(options, key) for key in OVERRIDABLE}
+
+
+def prompt_profile(options: SegmentOptions, prompt: str, two_dimensional: bool) -> tuple[Profile, dict]:
+    """The method settings for one prompt (its profile with the options' overrides) and how they were chosen,
+    for the report."""
+    chosen, why = choose_profile(prompt, options.profile, two_dimensional)
+    profile, overridden = with_overrides(chosen, **profile_overrides(options))
+    return profile, {"profile": chosen.name, "why": why, "settings": profile.settings(),
+                     "overridden_by_flags": overridden}
+
+
+def keep_3d(masks: np.ndarray, profile: Profile, voxel_mm3: float) -> np.ndarray:
+    """The stacked slice masks (N, H, W) bool after the profile's 3D component rule."""
+    if profile.keep_3d == "largest":
+        return largest_components(masks, profile.components)
+    if profile.keep_3d == "all":
+        return masks
+    return components_of_at_least(masks, math.ceil(min_component_mm3(profile.keep_3d) / voxel_mm3))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -186,10 +225,13 @@ class ZeroShotSegmenter:
         sam = (sam or load_sam(options.sam)).to(self.device)
         self.sam = SliceSegmenter(sam, DTYPES[options.sam_precision], options.sam_batch_size)
 
-    def slice_saliency(self, index: int, image: torch.Tensor, text: torch.Tensor, shape: tuple) -> np.ndarray:
-        """Saliency (H, W) in [0, 1] of slice ``index`` given its CLIP input (1, 3, S, S) and a text (D,)."""
+    def slice_saliency(self, index: int, image: torch.Tensor, text: torch.Tensor, shape: tuple,
+                       beta: float) -> np.ndarray:
+        """Saliency (H, W) in [0, 1] of slice ``index`` given its CLIP input (1, 3, S, S), a text (D,) and
+        M2IB's β (unused by the other methods)."""
+        options = dict(self.options.saliency_options, **({"beta": beta} if self.options.saliency == "m2ib" else {}))
         maps = compute_saliency(self.options.saliency, self.clip.model, image, text[None],
-                                autocast_dtype=self.clip.autocast_dtype, **self.options.saliency_options)
+                                autocast_dtype=self.clip.autocast_dtype, **options)
         return self.clip.to_slice_grid(maps, shape)[0]
 
     def segment(self, volume: Volume, prompts: Sequence[str], progress: ProgressCallback = no_progress,
@@ -199,6 +241,7 @@ class ZeroShotSegmenter:
         torch.manual_seed(options.seed)  # M2IB's noise and any other torch sampling
         timings: Dict[str, float] = {}
         axis = check_options(volume, options)
+        profiles, profile_reports = zip(*(prompt_profile(options, p, min(volume.array.shape) == 1) for p in prompts))
         slices = np.moveaxis(to_uint8(volume.array), axis, 0)          # (N, H, W)
         count, shape = len(slices), slices.shape[1:]
         candidates = slice_range(options.slices, count) & (np.ptp(slices.reshape(count, -1), axis=1) > 0)
@@ -231,15 +274,16 @@ class ZeroShotSegmenter:
         for done, (n, index) in enumerate(work):
             cancel.raise_if_cancelled()
             progress("saliency", done, len(work), prompts[n])
-            saliency[n, index] = self.slice_saliency(int(index), images[position[index]][None], texts[n], shape)
+            saliency[n, index] = self.slice_saliency(int(index), images[position[index]][None], texts[n], shape,
+                                                     profiles[n].beta)
         progress("saliency", len(work), len(work), "")
         timings["saliency"] = time.perf_counter() - started
 
         rng = np.random.default_rng(options.seed)
         sam_prompts: Dict[int, Dict[int, SamPrompt]] = {}
         for n, index in work:
-            mask = coarse_mask(saliency[n, index], options.coarse_method, options.components)
-            prompt = sam_prompt(mask, options.prompt_type, options.box_per_component, options.positive_points,
+            mask = coarse_mask(saliency[n, index], options.coarse_method, profiles[n].components)
+            prompt = sam_prompt(mask, profiles[n].prompt_type, profiles[n].box_per_component, options.positive_points,
                                 options.negative_points, rng)
             if prompt is not None:
                 sam_prompts.setdefault(int(index), {})[n] = prompt
@@ -259,13 +303,17 @@ class ZeroShotSegmenter:
         progress("SAM", len(to_embed), len(to_embed), "")
         timings["sam"] = time.perf_counter() - started
 
-        volume_masks = [np.moveaxis(largest_components(m, options.components), 0, axis) for m in masks]
+        voxel_mm3 = float(np.prod(volume.spacing))
+        volume_masks = [np.moveaxis(keep_3d(m, profile, voxel_mm3), 0, axis) for m, profile in zip(masks, profiles)]
         report = {
             "input": volume.source,
             "shape_kji": list(volume.array.shape),
             "axis": int(axis),
             "prompts": prompts,
             "options": asdict(self.options),
+            "profiles": dict(zip(prompts, profile_reports)),
+            "slice_gate": self.slice_gate(),
+            "deviations": self.deviations(profiles),
             "relevance": {p: relevance[n].round(4).tolist() for n, p in enumerate(prompts)},
             "selected_slices": {p: np.flatnonzero(selected[n]).tolist() for n, p in enumerate(prompts)},
             "sam_prompts": {prompts[n]: {str(i): sam_prompts[i][n].as_dict() for i in sam_prompts if n in sam_prompts[i]}
@@ -276,3 +324,22 @@ class ZeroShotSegmenter:
             "device": str(self.device),
         }
         return SegmentResult(volume_masks, prompts, [np.moveaxis(s, 0, axis) for s in saliency], report)
+
+    def slice_gate(self) -> Optional[dict]:
+        """What the slice-relevance gate used (None when ``--slices`` is not auto)."""
+        if self.options.slices != "auto":
+            return None
+        return {"what": deviations.SLICE_GATE, "positive_templates": list(POSITIVE_TEMPLATES),
+                "negative_prompts": list(self.options.negative_prompts),
+                "threshold": self.options.relevance_threshold, "smoothing_slices": self.options.relevance_smoothing}
+
+    def deviations(self, profiles: Sequence[Profile]) -> List[str]:
+        """The departures from the papers and reference code that applied to this run."""
+        notes = [f"{name}: {text}" for name, text in deviations.ZERO_SHOT.items()]
+        if self.options.slices == "auto":
+            notes.append(deviations.SLICE_GATE)
+        if self.options.saliency == "gscorecam":
+            notes.append(deviations.GSCORECAM)
+        if self.sam.box_prompts_only and any(p.prompt_type == "both" for p in profiles):
+            notes.append(deviations.BOX_ONLY_SAM)
+        return notes

@@ -27,7 +27,8 @@ Each row replaces some stages by ground truth (an "oracle") and runs the rest wi
     (BUSI) goes to `postprocess_cams` as 3 equal slices and the middle one is kept: on a single slice the 3D
     opening erases everything. With --patches, LOCAL PATCHES of the engine (in this script only) show what
     sending the 9 points to LiteMedSAM beside the box (as the engine did before commit 937121c; it now sends
-    a box-trained SAM the box alone) and METHOD.md's (OpenCV) histogram equalisation give.
+    a box-trained SAM the box alone), skimage's histogram equalisation (the engine's before METHOD.md's
+    OpenCV rule), and no equalisation give.
 (d) Whole CLISC cohort run (`clisc train`, SAM litemedsam) on the 4 BraTS volumes. Oracle: CLIP's slice
     labels only, replaced by ground-truth ones (1 where the pre-processed slice holds tumour, else 0) written
     as RUN/slice_labels/CASE.json before the run starts: the run skips every case whose output exists (the
@@ -56,7 +57,7 @@ BraTS slices; a whole BraTS volume through `ZeroShotSegmenter` (preset fast, sli
 random full-size CLIP ViT-B-16: accuracy meaningless, timing real), stage by stage.
 
     python scripts/bench_accuracy.py [--rows a,b,c,speed] [--datasets brats,busi,ct] [--patches] [--json OUT]
-    python scripts/bench_accuracy.py --rows d [--unet-epochs 40 --patch-size 96 ...] [--json OUT]
+    python scripts/bench_accuracy.py --rows d [--classifier-epochs 2 --unet-epochs 200 --patch-size 96] [--json OUT]
 """
 from __future__ import annotations
 
@@ -66,6 +67,7 @@ import hashlib
 import inspect
 import json
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -368,7 +370,8 @@ class OracleSaliencySegmenter(ZeroShotSegmenter):
         self.sam = segmenter
         self.maps: Optional[np.ndarray] = None
 
-    def slice_saliency(self, index: int, image: torch.Tensor, text: torch.Tensor, shape: tuple) -> np.ndarray:
+    def slice_saliency(self, index: int, image: torch.Tensor, text: torch.Tensor, shape: tuple,
+                       beta: float) -> np.ndarray:
         return self.maps[index]
 
 
@@ -428,22 +431,29 @@ def patched(module, name: str, replacement) -> Iterator[None]:
         setattr(module, name, original)
 
 
-def opencv_equalised_rgb(slice_uint8: np.ndarray) -> np.ndarray:
-    """LOCAL PATCH: `equalised_rgb` with METHOD.md's (OpenCV) mapping, lowest grey level -> 0:
-    lut = round((cdf - cdf_min) / (N - cdf_min) * 255). (The engine: skimage's equalize_hist.)"""
+def skimage_equalised_rgb(slice_uint8: np.ndarray) -> np.ndarray:
+    """LOCAL PATCH: `equalised_rgb` as the engine did before METHOD.md's rule, with skimage's equalize_hist
+    (the lowest grey level maps to its CDF value, the background to about 61)."""
+    from skimage import exposure
+
     image = slice_uint8
     if np.ptp(slice_uint8) > 0:
-        cdf = np.cumsum(np.bincount(slice_uint8.ravel(), minlength=256))
-        cdf_min = cdf[cdf > 0][0]
-        lut = np.round((cdf - cdf_min) / max(cdf[-1] - cdf_min, 1) * 255).clip(0, 255).astype(np.uint8)
-        image = lut[slice_uint8]
+        image = (exposure.equalize_hist(slice_uint8, nbins=256) * 255).round().astype(np.uint8)
     return np.repeat(image[..., None], 3, axis=-1)
 
 
+def plain_rgb(slice_uint8: np.ndarray) -> np.ndarray:
+    """LOCAL PATCH: `equalised_rgb` without equalisation: the slice (H, W) uint8 in three channels."""
+    return np.repeat(slice_uint8[..., None], 3, axis=-1)
+
+
 def local_patches(segmenter: SliceSegmenter) -> Dict[str, contextlib.AbstractContextManager]:
-    """The LOCAL PATCHES row c is also run with, by name (fresh context managers: use each once)."""
+    """The LOCAL PATCHES row c is also run with, by name (fresh context managers: use each once). A name with
+    "equalisation" changes the images SAM sees."""
     return {"points sent with the box (engine < 937121c)": patched(segmenter, "box_prompts_only", False),
-            "OpenCV equalisation": patched(pseudo_labels, "equalised_rgb", opencv_equalised_rgb)}
+            "skimage equalisation (engine before the METHOD.md rule)": patched(pseudo_labels, "equalised_rgb",
+                                                                                skimage_equalised_rgb),
+            "no equalisation": patched(pseudo_labels, "equalised_rgb", plain_rgb)}
 
 
 # ---- scoring and printing ----------------------------------------------------------------------------------------
@@ -634,7 +644,7 @@ def row_d(args: argparse.Namespace, folder: Path) -> dict:
                "--unet-epochs", str(args.unet_epochs), "--patch-size", str(args.patch_size),
                "--s3f-rounds", str(args.s3f_rounds), "--sam-precision", args.precision, "--device", "cpu",
                "--seed", str(args.seed), "--labels", str(labels)]
-    print("  " + " ".join(command), flush=True)
+    print("  " + shlex.join(command), flush=True)
     started = time.perf_counter()
     with open(folder / "train.log", "w") as log:
         completed = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
@@ -708,7 +718,7 @@ def main() -> None:
     parser.add_argument("--speed-slices", type=int, default=3, help="slices timed per encoder and precision")
     parser.add_argument("--classifier-epochs", type=int, default=2, help="row d")
     parser.add_argument("--classifier-image-size", type=int, default=224, help="row d")
-    parser.add_argument("--unet-epochs", type=int, default=40, help="row d, per round")
+    parser.add_argument("--unet-epochs", type=int, default=200, help="row d, per round (one patch per case each)")
     parser.add_argument("--patch-size", type=int, default=96, help="row d")
     parser.add_argument("--s3f-rounds", type=int, default=1, help="row d")
     parser.add_argument("--run-dir", help="row d: the run folder (default: a temporary one)")

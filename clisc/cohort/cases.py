@@ -81,6 +81,24 @@ def _read_list(list_file: Path) -> list[Path]:
     return paths
 
 
+def read_case_list(path: Path, option: str = "--cases") -> list[str]:
+    """Case ids from a text file (one per line, ``#`` starts a comment) or a CSV (the column headed case_id,
+    else the first column of every row); ``option`` names the file in error messages."""
+    if not path.is_file():
+        raise InputError(f"{option} {path}: no such file")
+    with open(path, newline="") as handle:
+        if path.suffix.lower() == ".csv":
+            rows = [[cell.strip() for cell in row] for row in csv.reader(handle)]
+            header = bool(rows) and "case_id" in rows[0]
+            column = rows[0].index("case_id") if header else 0
+            ids = [row[column] for row in rows[1 if header else 0:] if len(row) > column and row[column]]
+        else:
+            ids = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+    if not ids:
+        raise InputError(f"{option} {path}: lists no case id")
+    return ids
+
+
 def _unique_ids(paths: list[Path]) -> list[str]:
     """File stems (folder names for DICOM), prefixed with parent folder names where they would collide
     (``pat1/flair.nii.gz`` and ``pat2/flair.nii.gz`` become ``pat1_flair`` and ``pat2_flair``)."""
@@ -150,10 +168,19 @@ def uncrop(array: np.ndarray, crop: tuple[slice, slice, slice], shape: tuple, fi
     return full
 
 
-def to_uint8_slices(array: np.ndarray) -> np.ndarray:
-    """Per-slice min-max scaling of ``array`` (K, J, I) to uint8 (K, J, I); a flat slice becomes 0."""
-    array = array.astype(np.float32)
+def minmax_slices(array: np.ndarray, dtype=np.float32) -> np.ndarray:
+    """Per-slice min-max scaling of ``array`` (K, J, I) to [0, 1] in ``dtype``; a flat slice becomes 0."""
+    array = array.astype(dtype)
     low = array.min(axis=(1, 2), keepdims=True)
     span = array.max(axis=(1, 2), keepdims=True) - low
-    scaled = np.divide(array - low, span, out=np.zeros_like(array), where=span > 0)
+    return np.divide(array - low, span, out=np.zeros_like(array), where=span > 0)
+
+
+def to_uint8(scaled: np.ndarray) -> np.ndarray:
+    """An array scaled to [0, 1] as uint8 (rounded to the nearest of 0-255)."""
     return (scaled * 255).round().astype(np.uint8)
+
+
+def to_uint8_slices(array: np.ndarray) -> np.ndarray:
+    """Per-slice min-max scaling of ``array`` (K, J, I) to uint8 (K, J, I); a flat slice becomes 0."""
+    return to_uint8(minmax_slices(array))

@@ -2,7 +2,8 @@
 
 RUN_DIR after a run::
 
-    config.json                 every option, the prompt, the cohort, the prompts used, the package version
+    config.json                 every option, the prompt, the cohort, the prompts used, the package version, the
+                                deviations from the paper and its released code
     run.log                     the log (one per rank under torchrun: run.rank1.log, ...)
     skipped/CASE.json           cases that could not be loaded or processed, with the stage and the reason
     slice_labels/CASE.json      CLIP's per-slice labels (1 abnormal, 0 normal, -1 unsure)
@@ -13,9 +14,15 @@ RUN_DIR after a run::
     unet/roundR/last.pt         U-Net checkpoint after each epoch of round R (0: pseudo-labels; R>0: S3F)
     s3f/roundR.csv              S3F similarity table; s3f/roundR/CASE.npz the per-case S and similarity
     unet/final.pt               the U-Net `clisc apply` uses
-    predictions/CASE.nii.gz, metrics.json   with --labels only: evaluation of the final U-Net
+    predictions/CASE.nii.gz     the final U-Net's segmentation of each held-out case, and with --labels of
+                                every training case too
+    metrics.json                with --labels only: the final U-Net's scores, in two sections: "training_cohort"
+                                (the cases it was trained on) and "held_out" (with --holdout-split)
     losses.json, loss_curves.png, summary.json
     done/STEP                   written when a step has finished
+
+Held-out cases (--holdout-split, a list of case ids) take part in no step before the final U-Net: they are
+loaded only then, predicted, and scored apart from the training cohort.
 
 Resuming skips finished steps, per-case outputs that exist, and U-Net epochs in the checkpoint. Every file is
 written to a temporary name and renamed, so a kill never leaves half a file under a final name. Ground-truth
@@ -37,7 +44,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
+from .. import __version__, deviations
 from ..errors import Cancelled, InputError
 from ..metrics import EMPTY_CASE_RULE, NSD_TOLERANCE_MM, evaluate
 from ..progress import CancelToken, ProgressCallback, no_progress
@@ -46,7 +53,7 @@ from ..volume import Volume
 from ..writers import remove_partial_files, write_bytes, write_labelmap
 from ..zeroshot import SegmentResult, resolve_device
 from . import distributed
-from .cases import Case, body_mask, list_cohort, preprocess, to_uint8_slices, uncrop
+from .cases import Case, body_mask, list_cohort, preprocess, read_case_list, to_uint8_slices, uncrop
 
 logger = logging.getLogger("clisc")
 
@@ -55,6 +62,9 @@ LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 # Options that may differ between a run and its resumption.
 RESUMABLE_CHANGES = ("device", "labels", "stop_after")
 STOP_AFTER = ("pseudo_labels",)
+TRAINING_NOTE = ("cases the U-Net was trained on (with its own pseudo-labels; the labels were never used for "
+                 "training): not a test of generalisation")
+HELD_OUT_NOTE = "cases kept out of every stage (--holdout-split): a test of generalisation"
 
 
 @dataclass
@@ -77,6 +87,7 @@ class CohortOptions:
     s3f_rounds: int = 1
     s3f_keep: float = 0.8
     labels: Optional[str] = None            # evaluation only: folder or CSV of ground-truth labelmaps
+    holdout_split: Optional[str] = None     # .txt/.csv of case ids kept out of training, predicted at the end
     device: str = "auto"
     sam_precision: str = "float32"
     sam_batch_size: int = 2
@@ -180,6 +191,8 @@ class CohortRun:
         self._clip, self._sam = clip, sam
         self._clip_scorer = self._segmenter = self._classifier = self._classifier_name = None
         self.cases = list_cohort(cohort)
+        self.held_out = held_out_cases(options.holdout_split, self.cases) if options.holdout_split else []
+        self.training_cases = [case for case in self.cases if case not in self.held_out]
         self._start(resume)
 
     # ---- run directory -------------------------------------------------------------------------------
@@ -191,7 +204,10 @@ class CohortRun:
         config = {"cohort": self.cohort, "prompt": self.prompt, "options": asdict(self.options),
                   "normal_prompt": self.options.normal_prompt or normal,
                   "abnormal_prompt": self.options.abnormal_prompt or abnormal,
-                  "labels_used_for_training": False, "world_size": distributed.world_size(),
+                  "held_out_cases": [case.case_id for case in self.held_out],
+                  "labels_used_for_training": False,
+                  "deviations": [f"{name}: {text}" for name, text in deviations.COHORT.items()],
+                  "world_size": distributed.world_size(),
                   "clisc_version": __version__}
         config_file = self.dir / "config.json"
         if config_file.is_file() and not resume:
@@ -203,6 +219,8 @@ class CohortRun:
                        if saved[key] != config[key]]
             changed += [f"--{key.replace('_', '-')}" for key, value in config["options"].items()
                         if key not in RESUMABLE_CHANGES and saved["options"].get(key) != value]
+            if saved.get("held_out_cases", []) != config["held_out_cases"]:
+                changed.append("the cases --holdout-split lists")
             if changed:
                 raise InputError(f"{self.dir}: cannot resume with different settings ({', '.join(changed)}); use "
                                  "the original ones or a new --out folder")
@@ -263,9 +281,10 @@ class CohortRun:
         if logger.getEffectiveLevel() > logging.INFO:
             logger.setLevel(logging.INFO)  # the run log records every step, whatever the caller's logging
         try:
-            logger.info("cohort %s: %d case(s); prompt %r; device %s; rank %d of %d", self.cohort,
-                        len(self.cases), self.prompt, self.device, distributed.rank(), distributed.world_size())
-            loaded = self._load()
+            logger.info("cohort %s: %d case(s), %d held out; prompt %r; device %s; rank %d of %d", self.cohort,
+                        len(self.cases), len(self.held_out), self.prompt, self.device, distributed.rank(),
+                        distributed.world_size())
+            loaded = self._load(self.training_cases, "load")
             skipped = self.skipped()
             training = [item for item in loaded if item.case_id not in skipped]
             if not training:
@@ -281,7 +300,7 @@ class CohortRun:
             if not training:
                 raise InputError(f"no case of the cohort could be processed; see {self.dir / 'skipped'}")
             if self.options.stop_after == "pseudo_labels":
-                return self._summary(loaded, None)
+                return self._summary(loaded, [], None)
             labels = {item.case_id: self._read_pseudo_label(item) for item in training}
             self._train_unet(0, [(item.image, labels[item.case_id]) for item in training])
             for round_ in range(1, self.options.s3f_rounds + 1):
@@ -289,18 +308,23 @@ class CohortRun:
                 self._train_unet(round_, [(item.image, selected[item.case_id]) for item in training
                                           if item.case_id in selected])
             self._finish()
-            metrics = self._evaluate(loaded) if self.options.labels else None
-            return self._summary(loaded, metrics)
+            held_out = self._load(self.held_out, "load_held_out")
+            self._predict("predictions_held_out", held_out)
+            metrics = None
+            if self.options.labels:
+                self._predict("predictions", loaded)
+                metrics = self._evaluate(loaded, held_out)
+            return self._summary(loaded, held_out, metrics)
         finally:
             logger.setLevel(level)
             logger.removeHandler(self._log_handler)
             self._log_handler.close()
 
-    def _load(self) -> list[_Loaded]:
-        """Read and pre-process every case (every rank needs every image for U-Net training); a case that cannot
-        be read or pre-processed is skipped at stage "load"."""
+    def _load(self, cases: list[Case], stage: str) -> list[_Loaded]:
+        """Read and pre-process ``cases`` (every rank needs every image for U-Net training), reporting progress
+        as ``stage``; a case that cannot be read or pre-processed is skipped at stage "load"."""
         loaded = []
-        for n, case in enumerate(self.cases):
+        for n, case in enumerate(cases):
             self._check_cancel()
             try:
                 volume = read_volume(case.path)
@@ -310,7 +334,7 @@ class CohortRun:
             except Exception as error:  # noqa: BLE001 - any unreadable case is reported and skipped
                 if distributed.is_main():
                     self._skip(case, "load", error)
-            self.report("load", n + 1, len(self.cases), case=case.case_id)
+            self.report(stage, n + 1, len(cases), case=case.case_id)
         distributed.barrier()
         return loaded
 
@@ -439,7 +463,7 @@ class CohortRun:
         from .pseudo_labels import sam_pseudo_label
 
         mask = np.load(self.dir / "cams_amda" / f"{item.case_id}.npz")["mask"]
-        label = sam_pseudo_label(self._segmenter_(), item.slices, mask, cancel=self.cancel) & item.body
+        label = sam_pseudo_label(self._segmenter_(), item.image, mask, cancel=self.cancel) & item.body
         write_labelmap(self.dir / "pseudo_labels" / f"{item.case_id}.nii.gz", uncrop(label, item.crop, item.shape),
                        item.reference())
 
@@ -479,18 +503,22 @@ class CohortRun:
 
             def work(item: _Loaded) -> None:
                 prediction = predict(model, item.image, self.options.patch_size, self.device)
-                largest, similarity = self_consistency(prediction, item.slices, self._segmenter_(),
+                largest, similarity = self_consistency(prediction, item.image, self._segmenter_(), item.body,
                                                        cancel=self.cancel)
-                _write_npz(folder / f"{item.case_id}.npz", largest=largest, similarity=similarity)
+                _write_npz(folder / f"{item.case_id}.npz", largest=largest,
+                           similarity=np.nan if similarity is None else similarity)
 
             items = self._per_case(f"{step}_cases", items, f"s3f/round{round_}/{{}}.npz", work)
             if distributed.is_main():
-                similarities = {item.case_id: float(np.load(folder / f"{item.case_id}.npz")["similarity"])
-                                for item in items}
+                stored = {item.case_id: float(np.load(folder / f"{item.case_id}.npz")["similarity"]) for item in items}
+                similarities = {case: None if np.isnan(value) else value for case, value in stored.items()}
                 write_table(rank_cases(similarities, self.options.s3f_keep), table)
             self._mark_done(step)
         kept = {row.case_id for row in read_table(table) if row.kept}
         logger.info("%s: keeps %d of %d case(s)", step, len(kept), len(items))
+        if not kept:
+            raise InputError(f"S3F round {round_}: the U-Net predicts nothing on any case, so nothing is left to "
+                             f"self-train on; train longer (--unet-epochs) or with --s3f-rounds 0 ({table})")
         return {case_id: np.load(folder / f"{case_id}.npz")["largest"] for case_id in kept}
 
     def _finish(self) -> None:
@@ -512,56 +540,76 @@ class CohortRun:
         _write_json(self.dir / "losses.json", losses)
         plot_losses(losses, self.dir / "loss_curves.png")
 
-    # Evaluation (labels read here only)
-    def _evaluate(self, loaded: list[_Loaded]) -> dict:
+    # Predictions and evaluation (labels read here only)
+    def _predict(self, step: str, items: list[_Loaded]) -> None:
+        """predictions/CASE.nii.gz of this rank's share of ``items`` that have none: the final U-Net's masks."""
         from .unet import load_unet, predict
 
+        if self._done(step) or not items:
+            return
         model = load_unet(self.dir / "unet" / "final.pt", self.device)
+        mine = distributed.shard(items)
+        for n, item in enumerate(mine):
+            self._check_cancel()
+            output = self.dir / "predictions" / f"{item.case_id}.nii.gz"
+            if not output.is_file():
+                mask = predict(model, item.image, self.options.patch_size, self.device)
+                write_labelmap(output, uncrop(mask, item.crop, item.shape), item.reference())
+            self.report(step, n + 1, len(mine), case=item.case_id)
+        self._mark_done(step)
 
-        def work(item: _Loaded) -> None:
-            mask = predict(model, item.image, self.options.patch_size, self.device)
-            write_labelmap(self.dir / "predictions" / f"{item.case_id}.nii.gz", uncrop(mask, item.crop, item.shape),
-                           item.reference())
-
-        step = "predictions"
-        if not self._done(step):
-            mine = distributed.shard(loaded)
-            for n, item in enumerate(mine):
-                self._check_cancel()
-                if not (self.dir / "predictions" / f"{item.case_id}.nii.gz").is_file():
-                    work(item)
-                self.report(step, n + 1, len(mine), case=item.case_id)
-            self._mark_done(step)
-        label_files = label_paths(self.options.labels, [item.case_id for item in loaded])
+    def _evaluate(self, loaded: list[_Loaded], held_out: list[_Loaded]) -> dict:
+        """metrics.json: the final U-Net's scores on the training cohort and, apart, on the held-out cases."""
         metrics = {"empty_case_rule": EMPTY_CASE_RULE, "foreground": "label > 0", "nsd_tolerance_mm": NSD_TOLERANCE_MM,
-                   "labels": str(self.options.labels), "model": "unet/final.pt", "cases": {}, "not_evaluated": {}}
-        for item in loaded:
-            if item.case_id not in label_files:
-                metrics["not_evaluated"][item.case_id] = "no label file"
-                continue
-            truth = read_volume(label_files[item.case_id])
-            if truth.array.shape != item.shape:
-                metrics["not_evaluated"][item.case_id] = f"label shape {truth.array.shape} differs from the image's"
-                continue
-            prediction = read_volume(self.dir / "predictions" / f"{item.case_id}.nii.gz").array > 0
-            metrics["cases"][item.case_id] = evaluate(prediction, truth.array > 0, truth.spacing[::-1])
-        for case_id, record in self.skipped().items():
-            if record["stage"] == "load":
-                metrics["not_evaluated"][case_id] = "could not be loaded"
-        scores = list(metrics["cases"].values())
-        if scores:
-            metrics["mean_dice"] = float(np.mean([s["dice"] for s in scores]))
-            metrics["mean_hd95_mm"] = float(np.mean([s["hd95_mm"] for s in scores]))
+                   "labels": str(self.options.labels), "holdout_split": self.options.holdout_split,
+                   "model": "unet/final.pt",
+                   "training_cohort": self._scores(self.training_cases, loaded, TRAINING_NOTE)}
+        if self.held_out:
+            metrics["held_out"] = self._scores(self.held_out, held_out, HELD_OUT_NOTE)
         if distributed.is_main():
             _write_json(self.dir / "metrics.json", metrics)
         return metrics
 
-    def _summary(self, loaded: list[_Loaded], metrics: Optional[dict]) -> dict:
+    def _scores(self, cases: list[Case], loaded: list[_Loaded], note: str) -> dict:
+        """A section of metrics.json: the scores of each of ``cases`` (``loaded``: those that could be loaded),
+        the reason each other one is not scored, and the mean and median Dice and the mean HD95."""
+        label_files = label_paths(self.options.labels, [case.case_id for case in cases])
+        items = {item.case_id: item for item in loaded}
+        section = {"note": note, "cases": {}, "not_evaluated": {}}
+        for case in cases:
+            result = self._score(items.get(case.case_id), label_files.get(case.case_id))
+            section["cases" if isinstance(result, dict) else "not_evaluated"][case.case_id] = result
+        dice = [scores["dice"] for scores in section["cases"].values()]
+        if dice:
+            section.update(mean_dice=float(np.mean(dice)), median_dice=float(np.median(dice)),
+                           mean_hd95_mm=float(np.mean([s["hd95_mm"] for s in section["cases"].values()])))
+        return section
+
+    def _score(self, item: Optional[_Loaded], label_file: Optional[Path]) -> dict | str:
+        """`clisc.metrics.evaluate` of one case's prediction, or why it cannot be scored."""
+        if item is None:
+            return "could not be loaded"
+        if label_file is None:
+            return "no label file"
+        truth = read_volume(label_file)
+        if truth.array.shape != item.shape:
+            return f"label shape {truth.array.shape} differs from the image's"
+        prediction = read_volume(self.dir / "predictions" / f"{item.case_id}.nii.gz").array > 0
+        return evaluate(prediction, truth.array > 0, truth.spacing[::-1])
+
+    def _summary(self, loaded: list[_Loaded], held_out: list[_Loaded], metrics: Optional[dict]) -> dict:
         model = self.dir / "unet" / "final.pt"
         summary = {"run_dir": str(self.dir), "cases": len(self.cases), "loaded": len(loaded),
                    "skipped": self.skipped(), "model": str(model) if model.is_file() else None}
         if metrics is not None:
-            summary.update({key: metrics[key] for key in ("mean_dice", "mean_hd95_mm") if key in metrics})
+            summary["training_cohort"] = _means(metrics["training_cohort"])
+        if self.held_out:
+            summary["held_out"] = {"cases": [case.case_id for case in self.held_out], "predicted": len(held_out)}
+            if metrics is not None:
+                summary["held_out"].update(_means(metrics["held_out"]))
+            elif held_out:
+                summary["held_out"]["note"] = ("not scored: no --labels (`clisc evaluate RUN_DIR LABELS --cases "
+                                               "HOLDOUT_FILE` scores them)")
         if distributed.is_main():
             _write_json(self.dir / "summary.json", summary)
         return summary
@@ -574,6 +622,58 @@ def _resized(slices: np.ndarray, size: int, mode: str = "bilinear") -> np.ndarra
     if mode == "nearest":
         return F.interpolate(tensor, size=(size, size), mode="nearest")[:, 0].numpy()
     return F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[:, 0].numpy()
+
+
+def held_out_cases(holdout_split: str | Path, cases: list[Case]) -> list[Case]:
+    """The cases that the file ``holdout_split`` lists (case ids, as `read_case_list` reads them).
+
+    Raises:
+        InputError: the file is missing or lists no id, lists an id that is not a case of ``cases``, or lists
+            every case (nothing would be left to train on).
+    """
+    ids = set(read_case_list(Path(holdout_split), "--holdout-split"))
+    known = [case.case_id for case in cases]
+    unknown = sorted(ids - set(known))
+    if unknown:
+        raise InputError(f"--holdout-split {holdout_split}: not case ids of the cohort: {', '.join(unknown[:5])}"
+                         f"{' ...' if len(unknown) > 5 else ''} (its case ids are e.g. {', '.join(known[:5])})")
+    if len(ids) == len(known):
+        raise InputError(f"--holdout-split {holdout_split} lists every case of the cohort: nothing is left to "
+                         "train on")
+    return [case for case in cases if case.case_id in ids]
+
+
+def _means(section: dict) -> dict:
+    """The number of cases scored and the means of a section of metrics.json, for the summary."""
+    return {"scored": len(section["cases"]),
+            **{key: section[key] for key in ("mean_dice", "median_dice", "mean_hd95_mm") if key in section}}
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """A run's summary in words (`clisc train` prints it, CLISCTrain logs it), each mean with its cohort."""
+    held_out = summary.get("held_out", {})
+    training = summary["cases"] - len(held_out.get("cases", []))
+    lines = [f"{summary['loaded']} of {training} training case(s) loaded, {len(summary['skipped'])} skipped"
+             + (f", {len(held_out['cases'])} held out" if held_out else "")
+             + f"; model: {summary['model'] or 'none yet (stopped after the pseudo-labels)'}"]
+    if "training_cohort" in summary:
+        lines.append(_scores_line("training cohort (trained on: not a test of generalisation)",
+                                  summary["training_cohort"]))
+    if "scored" in held_out:
+        lines.append(_scores_line("held-out cases", held_out))
+    elif "note" in held_out:
+        lines.append(f"held-out cases: {held_out['predicted']} predicted in {summary['run_dir']}/predictions, "
+                     f"{held_out['note']}")
+    if "training_cohort" in summary:
+        lines.append(f"per case: {summary['run_dir']}/metrics.json")
+    return lines
+
+
+def _scores_line(title: str, scores: dict) -> str:
+    if "mean_dice" not in scores:
+        return f"{title}: no case scored (see not_evaluated in metrics.json)"
+    return (f"{title}: mean Dice {scores['mean_dice']:.4f} (median {scores['median_dice']:.4f}), mean HD95 "
+            f"{scores['mean_hd95_mm']:.2f} mm over {scores['scored']} case(s)")
 
 
 def label_paths(labels: str | Path, case_ids: Optional[list[str]] = None) -> dict[str, Path]:
@@ -622,8 +722,10 @@ def run_cohort(cohort: str | Path, prompt: str, out_dir: str | Path, options: Op
     """Pseudo-label a cohort and self-train a 3D U-Net (CLISC), in ``out_dir``; see `CohortRun`.
 
     Returns:
-        A summary: the run folder, case counts, skipped cases with reasons, the final model's path, and with
-        ``options.labels`` the mean Dice and HD95 (mm) of the final model.
+        A summary: the run folder, case counts, skipped cases with reasons, the final model's path, with
+        ``options.holdout_split`` the held-out cases (and how many were predicted), and with ``options.labels``
+        the final model's mean and median Dice and mean HD95 (mm) on the training cohort ("training_cohort")
+        and on the held-out cases ("held_out"); `summary_lines` puts it in words.
     """
     return CohortRun(cohort, prompt, out_dir, options or CohortOptions(), progress, cancel, events, resume,
                      clip, sam).run()

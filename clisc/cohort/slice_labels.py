@@ -55,7 +55,7 @@ def smooth_slice_labels(p_abnormal: np.ndarray, threshold: float = 0.6, window: 
     ``p_abnormal`` is that one, else 0) and is -1 otherwise. The neighbours of a kept slice are the other
     kept slices at most ``window`` places from it in the list of kept slices and at most ``max_gap`` slices
     from it in the volume; with more than ``min_neighbours`` of them, the slice takes their majority label
-    (a tie keeps its own). Votes use the labels before smoothing.
+    (a tie makes it normal, 0, as the released code does). Votes use the labels before smoothing.
 
     Args:
         p_abnormal: (K,) probability of the abnormal prompt per slice.
@@ -74,7 +74,5 @@ def smooth_slice_labels(p_abnormal: np.ndarray, threshold: float = 0.6, window: 
         around = around[(around != z) & (np.abs(around - z) <= max_gap)]
         if len(around) > min_neighbours:
             abnormal = int(labels[around].sum())
-            normal = len(around) - abnormal
-            if abnormal != normal:
-                smoothed[z] = int(abnormal > normal)
+            smoothed[z] = int(abnormal > len(around) - abnormal)
     return smoothed

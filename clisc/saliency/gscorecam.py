@@ -2,11 +2,11 @@
 
 Activations: the last block's MLP-norm output, as for :mod:`~clisc.saliency.gradcam` (see there for the
 channel gradient). The ``top_k`` channels with the largest mean gradient are kept; each one's map,
-upsampled and min-max normalised, masks the input image, and the masked image is scored against the text.
-The softmax of those scores (as CLIP logits, ``logit_scale.exp() * cosine``, as in the authors' code)
+upsampled (bilinear, corners aligned as in the authors' code) and min-max normalised, masks the input
+image, and the masked image is scored against the text. The softmax of those scores (as CLIP logits, ``logit_scale.exp() * cosine``, as in the authors' code)
 weights the channels: CAM = ReLU(sum of weight * activation map). The authors' code puts the softmax over
-all channels with score 0 for the channels not kept; here it runs over the kept channels only, which
-differs by the exp(0) terms, negligible next to CLIP logits of tens.
+all channels with score 0 for the channels not kept; here it runs over the kept channels only (a documented
+deviation: with small logits the unkept channels' exp(0) terms dominate the reference's weights).
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def gscorecam_saliency(
 
 def _masked_scores(model, image, text, maps, autocast_dtype) -> torch.Tensor:
     """Cosine with the text (N,) of the image (3, H, W) masked by each normalised, upsampled map (N, g, g)."""
-    masks = minmax(upsample(maps, image.shape[-2:]))
+    masks = minmax(upsample(maps, image.shape[-2:], align_corners=True))
     with torch.no_grad(), autocast(image.device, autocast_dtype):
         features = model.visual(image[None] * masks[:, None].to(image.dtype))
     return cosine_to_text(features, text)

@@ -126,9 +126,10 @@ def minmax(maps: torch.Tensor) -> torch.Tensor:
     return (maps - low) / span.clamp_min(torch.finfo(maps.dtype).tiny)
 
 
-def upsample(maps: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear resize of patch-grid maps (N, g, g) to (N, *size), pixel centres aligned (not corners)."""
-    return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+def upsample(maps: torch.Tensor, size, align_corners: bool = False) -> torch.Tensor:
+    """Bilinear resize of patch-grid maps (N, g, g) to (N, *size): pixel centres aligned, or with
+    ``align_corners`` the corner pixels (gScoreCAM's channel masks, as in its reference code)."""
+    return F.interpolate(maps[:, None], size=tuple(size), mode="bilinear", align_corners=align_corners)[:, 0]
 
 
 def to_saliency(grid_maps: torch.Tensor, size) -> torch.Tensor:
