@@ -715,7 +715,7 @@ class CLISCSegmentLogic(ScriptedLoadableModuleLogic):
 
     def run(self, volume, prompts, clip=None, sam=None, device="auto", preset="accurate", negativePrompts=None,
             progress=None, cancel=None, trainedRun=None, **options):
-        """The engine on a `Volume`; returns a `clisc.zeroshot.SegmentResult` (masks on the volume's grid)."""
+        """The engine on a `Volume`; returns a `clisc.result.SegmentResult` (masks on the volume's grid)."""
         from clisc.progress import no_progress
         from clisc.zeroshot import ZeroShotSegmenter, preset_options
 

@@ -566,7 +566,7 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
         evaluating against labels) is computed with the run's final model (``progress``, ``cancel`` as in
         `apply`). Returns (volume, segmentation)."""
         from clisc.readers import read_volume
-        from clisc.zeroshot import SegmentResult
+        from clisc.result import SegmentResult
 
         if result not in RESULTS:
             raise ValueError(f"result {result!r}: use one of {', '.join(RESULTS)}")

@@ -26,7 +26,8 @@ from clisc.models.loaders import load_clip
 from clisc.models.random_weights import TINY_CLIP_CONFIG, save_random_clip, tiny_sam
 from clisc.readers import read_volume
 from clisc.volume import Volume
-from clisc.zeroshot import SegmentResult, ZeroShotSegmenter, preset_options
+from clisc.result import SegmentResult
+from clisc.zeroshot import ZeroShotSegmenter, preset_options
 
 ROOT = Path(__file__).resolve().parents[1]
 # The same run for the module and for the engine: cheap saliency, every slice, CPU.

@@ -14,6 +14,10 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
+from .errors import InputError
+
+DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}  # None: full precision
+
 
 @contextlib.contextmanager
 def prepared(model: nn.Module) -> Iterator[None]:
@@ -47,3 +51,10 @@ def inference(model: nn.Module, device: torch.device, dtype: Optional[torch.dtyp
     """Forward passes of ``model`` without gradients, under autocast to ``dtype`` (None: full precision)."""
     with torch.no_grad(), prepared(model), autocast(device, dtype):
         yield
+
+
+def dtype_of(precision: str, what: str) -> Optional[torch.dtype]:
+    """The autocast dtype of a precision name (`DTYPES`); InputError naming ``what`` for another name."""
+    if precision not in DTYPES:
+        raise InputError(f"{what} precision {precision!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[precision]

@@ -22,8 +22,10 @@ from .clip_scoring import NEGATIVE_PROMPTS, POSITIVE_TEMPLATES, ClipScorer
 from . import deviations
 from .errors import InputError
 from .profiles import OVERRIDABLE, PROFILES, Profile, choose_profile, min_component_mm3, with_overrides
+from .precision import dtype_of
 from .progress import CancelToken, ProgressCallback, no_progress
 from .prompts import SamPrompt, coarse_mask, components_of_at_least, largest_components, sam_prompt
+from .result import SegmentResult, resolve_device
 from .saliency import compute_saliency
 from .volume import Volume
 
@@ -32,7 +34,6 @@ logger = logging.getLogger(__name__)
 MAX_PROMPT_CHARACTERS = 300  # CLIP reads at most 77 tokens; longer text is a mistake, not a prompt
 AXIS_NAMES = {"k": 0, "j": 1, "i": 2}
 ANATOMICAL_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # the RAS axis each plane is normal to
-DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -85,14 +86,6 @@ def preset_options(preset: str = "accurate", **overrides) -> SegmentOptions:
     if overrides.get("saliency", base["saliency"]) != base["saliency"]:
         base.pop("saliency_options", None)  # the preset's settings are for its own method
     return replace(SegmentOptions(**base), **overrides)
-
-
-@dataclass
-class SegmentResult:
-    masks: List[np.ndarray]          # one (K, J, I) bool per prompt
-    names: List[str]                 # the prompts
-    saliency: List[np.ndarray]       # one (K, J, I) float32 in [0, 1] per prompt (0 where not computed)
-    report: dict
 
 
 def check_prompts(prompts: Sequence[str]) -> List[str]:
@@ -193,16 +186,6 @@ def keep_3d(masks: np.ndarray, profile: Profile, voxel_mm3: float) -> np.ndarray
     return components_of_at_least(masks, math.ceil(min_component_mm3(profile.keep_3d) / voxel_mm3))
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise InputError("--device cuda: no CUDA GPU is available to torch here; use --device cpu or auto")
-    if device not in ("cpu", "cuda"):
-        raise InputError(f"unknown device {device!r}; use auto, cpu or cuda")
-    return torch.device(device)
-
-
 class ZeroShotSegmenter:
     """Holds the loaded CLIP and SAM models; `segment` runs the pipeline on one volume.
 
@@ -218,12 +201,9 @@ class ZeroShotSegmenter:
 
         self.options = options
         self.device = resolve_device(options.device)
-        for name in ("clip_precision", "sam_precision"):
-            if getattr(options, name) not in DTYPES:
-                raise InputError(f"{name} {getattr(options, name)!r}: use one of {', '.join(DTYPES)}")
-        self.clip = ClipScorer(clip or load_clip(options.clip), self.device, DTYPES[options.clip_precision])
+        self.clip = ClipScorer(clip or load_clip(options.clip), self.device, dtype_of(options.clip_precision, "CLIP"))
         sam = (sam or load_sam(options.sam)).to(self.device)
-        self.sam = SliceSegmenter(sam, DTYPES[options.sam_precision], options.sam_batch_size)
+        self.sam = SliceSegmenter(sam, dtype_of(options.sam_precision, "SAM"), options.sam_batch_size)
 
     def slice_saliency(self, index: int, image: torch.Tensor, text: torch.Tensor, shape: tuple,
                        beta: float) -> np.ndarray:

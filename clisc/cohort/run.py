@@ -51,13 +51,13 @@ from ..progress import CancelToken, ProgressCallback, no_progress
 from ..readers import read_volume
 from ..volume import Volume
 from ..writers import remove_partial_files, write_bytes, write_labelmap
-from ..zeroshot import SegmentResult, resolve_device
+from ..precision import DTYPES, dtype_of
+from ..result import SegmentResult, resolve_device
 from . import distributed
 from .cases import Case, body_mask, list_cohort, preprocess, read_case_list, to_uint8_slices, uncrop
 
 logger = logging.getLogger("clisc")
 
-PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LABEL_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 # Options that may differ between a run and its resumption.
 RESUMABLE_CHANGES = ("device", "labels", "stop_after")
@@ -103,8 +103,7 @@ class CohortOptions:
             raise InputError(f"CAM threshold {self.cam_threshold!r}: use otsu or kmeans")
         if self.stop_after not in (None, *STOP_AFTER):
             raise InputError(f"--stop-after {self.stop_after!r}: use one of {', '.join(STOP_AFTER)}")
-        if self.sam_precision not in PRECISIONS:
-            raise InputError(f"SAM precision {self.sam_precision!r}: use one of {', '.join(PRECISIONS)}")
+        dtype_of(self.sam_precision, "SAM")
         from .unet import check_patch_size
 
         check_patch_size(self.patch_size)
@@ -455,7 +454,7 @@ class CohortRun:
 
         if self._segmenter is None:
             sam = (self._sam or load_sam(self.options.sam)).to(self.device)
-            self._segmenter = SliceSegmenter(sam, PRECISIONS[self.options.sam_precision], self.options.sam_batch_size)
+            self._segmenter = SliceSegmenter(sam, DTYPES[self.options.sam_precision], self.options.sam_batch_size)
         return self._segmenter
 
     def _pseudo_label(self, item: _Loaded) -> None:
