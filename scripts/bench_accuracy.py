@@ -93,7 +93,7 @@ from clisc.prompts import SamPrompt, coarse_mask
 from clisc.readers import read_volume
 from clisc.sam import SliceSegmenter
 from clisc.volume import Volume
-from clisc.zeroshot import ZeroShotSegmenter, preset_options, slice_axis, to_uint8
+from clisc.zeroshot import ZeroShotSegmenter, preset_options, prompt_profile, slice_axis, to_uint8
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = ("brats", "busi", "ct")
@@ -382,10 +382,12 @@ def row_b(case: Case, view: View, pipeline: OracleSaliencySegmenter, seed: int, 
     return pipeline.segment(case.volume, [case.prompt]).masks[0]
 
 
-def coarse_masks(maps: np.ndarray, options) -> np.ndarray:
-    """(N, H, W) bool: the engine's `coarse_mask` of each map (N, H, W) with ``options``' settings, as
-    `ZeroShotSegmenter.segment` computes it before prompting SAM (a flat map gives an empty mask)."""
-    return np.stack([coarse_mask(m, options.coarse_method, options.components) for m in maps])
+def coarse_masks(maps: np.ndarray, options, case: Case) -> np.ndarray:
+    """(N, H, W) bool: the engine's `coarse_mask` of each map (N, H, W) with the settings of ``options`` and the
+    case's prompt profile, as `ZeroShotSegmenter.segment` computes it before prompting SAM (a flat map gives an
+    empty mask)."""
+    profile, _ = prompt_profile(options, case.prompt, case.single_slice)
+    return np.stack([coarse_mask(m, options.coarse_method, profile.components) for m in maps])
 
 
 def cam_masks(case: Case, view: View, seed: int, how: Perturbation) -> np.ndarray:
@@ -545,7 +547,7 @@ def run_dataset(cases: List[Case], segmenter: EmbeddingCache, pipeline: OracleSa
                 pipeline.options = preset_options(args.preset, slices="all", device="cpu", seed=args.seed, **options)
                 prediction = row_b(case, zeroshot, pipeline, args.seed, how)
                 record(label, "GT-made saliency, GT slices", zeroshot.name, case, prediction,
-                       zeroshot.to_volume(coarse_masks(pipeline.maps, pipeline.options)))
+                       zeroshot.to_volume(coarse_masks(pipeline.maps, pipeline.options, case)))
         if "c" in rows:
             segmenter.precompute(cohort, selected_slices(case, cohort))
             segmenter.reset_decode()
