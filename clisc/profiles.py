@@ -5,6 +5,9 @@ its own SAM box, the SAM prompt type, and the 3D component rule. β 2 for brain 
 ultrasound are MedCLIP-SAMv2's per-dataset settings; K = 2 with a box per component is its paired-organ
 (lung) mode. The 3D rule is not in either paper: keeping only the largest 3D component is ours, and it
 deletes every lesion but one in a multifocal case, hence the "lesion" profile.
+
+Standard library only (with `clisc.errors`): the CLI's parser and the Slicer module import it before the
+environment check and before CLISC's packages are installed.
 """
 from __future__ import annotations
 
