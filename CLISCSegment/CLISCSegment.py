@@ -1,30 +1,30 @@
 """CLISCSegment: segment a loaded volume from a text prompt (CLIP saliency + Segment Anything).
 
-A thin adapter around the engine (`clisc.zeroshot`), in three steps: copy the volume out of MRML (main
-thread), run the engine (any thread: the GUI uses a worker thread), write the segments back (main thread).
-Everything the GUI does works from Slicer's Python console::
+A thin adapter around the engine (`clisc.zeroshot`), in three steps: copy the volume out of MRML (main thread),
+run the engine on a worker thread (a `CLISCLib.jobs.ThreadJob`), write the segments back (main thread,
+`CLISCLib.mrml.addSegments`). Everything the GUI does works from Slicer's Python console::
 
     import CLISCSegment
     logic = CLISCSegment.CLISCSegmentLogic()
     segmentationNode = logic.segment(volumeNode, ["brain tumor"], clip="biomedclip", sam="sam_vit_b", device="cuda")
 
-The engine is imported only inside functions: this file must load before its Python packages are installed, and
-importing it installs and downloads nothing. Python packages are installed on the first Segment (after the user
-agrees), model weights on first use into a cache folder the Models section shows. Like Slicer's module template, no
-``from __future__ import annotations``: the parameter node wrapper reads the annotations as types.
+What this module shares with CLISCTrain (package installation, jobs, progress, the MRML adapter, terminology) is
+in CLISCLib. The engine is imported only inside functions: this file loads before the engine's Python packages
+are installed, and importing it installs and downloads nothing. Packages are installed on the first Segment
+(after the user agrees), model weights on first use into a cache folder the Models section shows. Like Slicer's
+module template, no ``from __future__ import annotations``: the parameter node wrapper reads the annotations as
+types.
 """
-import importlib.metadata
+import contextlib
+import functools
 import logging
 import os
-import re
-import sys
-import tempfile
 import threading
 import traceback
+from collections import OrderedDict
 from pathlib import Path
 from typing import Annotated, Optional, Union
 
-import numpy as np
 import qt
 import slicer
 import vtk
@@ -38,174 +38,20 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
 )
-from slicer.util import VTKObservationMixin
 
-from clisc.environment import MINIMUM_PYTHON, TORCH_PACKAGES
-from clisc.environment import REQUIREMENTS as ENGINE_REQUIREMENTS
 from clisc.profiles import PROFILES
+from CLISCLib import mrml
+from CLISCLib.dependencies import ensurePackages, requireSupportedSlicer
+from CLISCLib.jobs import Progress, ThreadJob
+from CLISCLib.progress import JobWatcher, runWithProgressDialog, showProgress
+from CLISCLib.refinement import ReportingSegmenter, RefineSession, sliceBox, slicePixels
+from CLISCLib.widget import ModuleWidget
 
-PROMPT_TAG = "CLISC.Prompt"               # segment tag holding the prompt that made the segment
-SALIENCY_REFERENCE = "CLISC.Saliency"     # segmentation node -> its saliency volumes, in segment order
-
-# The engine's Python packages (clisc.environment, which imports only the standard library, so it loads before
-# they are installed), in two parts. torch and torchvision belong to the PyTorch extension, whose PyTorchUtils
-# installs the build that fits the computer; pip installs the others, with a constraints file that keeps the
-# installed versions of PINNED.
-TORCH_REQUIREMENTS = [str(r) for r in ENGINE_REQUIREMENTS if r.distribution in TORCH_PACKAGES]
-REQUIREMENTS = [str(r) for r in ENGINE_REQUIREMENTS if r.distribution not in TORCH_PACKAGES]
-PINNED = ("torch", "torchvision", "numpy", "SimpleITK")  # the PyTorch extension's and Slicer's own
-
-# Terminology entries for common prompts: a small subset of SNOMED CT, with the codes of Slicer's
-# "3D Slicer General Anatomy list" (which names a tumour "Mass"; anatomic regions from the DICOM master list).
-# Other prompts keep Slicer's default entry.
-ANATOMY_CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
-REGION_CONTEXT = "Anatomic codes - DICOM master list"
-ANATOMICAL_STRUCTURE = "SCT^123037004^Anatomical Structure"
-ALTERED_STRUCTURE = "SCT^49755003^Morphologically Altered Structure"
-ORGANS = {
-    "brain": "SCT^12738006^Brain", "liver": "SCT^10200004^Liver", "lung": "SCT^39607008^Lung",
-    "kidney": "SCT^64033007^Kidney", "spleen": "SCT^78961009^Spleen", "heart": "SCT^80891009^Heart",
-    "pancreas": "SCT^15776009^Pancreas", "prostate": "SCT^41216001^Prostate",
-}
-PAIRED_ORGANS = ("lung", "kidney")
-LESIONS = {
-    "tumor": "SCT^4147007^Mass", "tumour": "SCT^4147007^Mass", "mass": "SCT^4147007^Mass",
-    "cancer": "SCT^4147007^Mass", "edema": "SCT^79654002^Edema", "oedema": "SCT^79654002^Edema",
-    "necrosis": "SCT^6574001^Necrosis", "cyst": "SCT^367643001^Cyst", "hemorrhage": "SCT^50960005^Hemorrhage",
-}
-SIDES = {"left": "SCT^7771000^Left", "right": "SCT^24028007^Right"}
-NO_CODE = "^^"
-
-
-def splitPrompts(text: str) -> list:
-    """The prompts in a semicolon-separated text, stripped, empty ones dropped."""
-    return [part.strip() for part in text.split(";") if part.strip()]
-
-
-def terminologyEntry(prompt: str) -> Optional[str]:
-    """Slicer terminology entry string for a prompt naming a known organ and/or lesion, else None.
-
-    "left lung" -> Anatomical Structure / Lung / Left; "brain tumor" -> Morphologically Altered Structure /
-    Mass, in the region Brain.
-    """
-    words = [word[:-1] if word[:-1] in ORGANS or word[:-1] in LESIONS else word  # "lungs", "tumors"
-             for word in re.findall(r"[a-z]+", prompt.lower())]
-    organ = next((word for word in words if word in ORGANS), None)
-    lesion = next((LESIONS[word] for word in words if word in LESIONS), None)
-    side = next((SIDES[word] for word in words if word in SIDES and organ in PAIRED_ORGANS), NO_CODE)
-    if lesion:
-        region = ORGANS[organ] if organ else NO_CODE
-        return "~".join([ANATOMY_CONTEXT, ALTERED_STRUCTURE, lesion, NO_CODE, REGION_CONTEXT, region, side])
-    if organ:
-        return "~".join([ANATOMY_CONTEXT, ANATOMICAL_STRUCTURE, ORGANS[organ], side, REGION_CONTEXT, NO_CODE, NO_CODE])
-    return None
-
-
-def unsupportedSlicerMessage() -> Optional[str]:
-    """Why this Slicer cannot run CLISC (its Python is older than 3.10: Slicer 5.8 or older), or None."""
-    if tuple(sys.version_info[:2]) >= MINIMUM_PYTHON:
-        return None
-    application = getattr(slicer, "app", None)  # absent outside the Slicer application
-    return (f"CLISC needs 3D Slicer 5.10 or newer (this is Slicer "
-            f"{application.applicationVersion if application else 'unknown'} with Python "
-            f"{sys.version_info[0]}.{sys.version_info[1]}). Install the current Slicer from "
-            "https://download.slicer.org and add the CLISC extension to it.")
-
-
-def showUnsupportedSlicer(layout) -> bool:
-    """Show, in place of a module's controls, why this Slicer cannot run CLISC; True if it cannot."""
-    unsupported = unsupportedSlicerMessage()
-    if unsupported:
-        label = qt.QLabel(unsupported)
-        label.wordWrap = True
-        layout.addWidget(label)
-    return unsupported is not None
-
-
-def canonicalName(distribution: str) -> str:
-    """A distribution name as pip compares them: "Open_CLIP.torch" -> "open-clip-torch"."""
-    return re.sub(r"[-_.]+", "-", distribution).lower()
-
-
-def installedVersions() -> dict:
-    """Installed Python distributions: canonical name -> version (the first found on the path, as import does)."""
-    versions = {}
-    for dist in importlib.metadata.distributions():
-        if dist.metadata["Name"]:
-            versions.setdefault(canonicalName(dist.metadata["Name"]), dist.version)
-    return versions
-
-
-def _packaging():
-    """The ``packaging`` library (requirements and versions); in a Slicer without it, the copy inside pip."""
-    try:
-        import packaging.requirements
-        import packaging.version
-    except ImportError:
-        import pip._vendor.packaging.requirements
-        import pip._vendor.packaging.version
-        return pip._vendor.packaging
-    return packaging
-
-
-def unmetRequirements(requirements, installed: dict) -> list:
-    """The pip requirements that the installed versions (canonical name -> version) leave unmet: missing or too old.
-    Decided by versions, not by whether a module imports."""
-    Requirement = _packaging().requirements.Requirement
-    unmet = []
-    for text in requirements:
-        requirement = Requirement(text)
-        version = installed.get(canonicalName(requirement.name))
-        if version is None or not requirement.specifier.contains(version, prereleases=True):
-            unmet.append(text)
-    return unmet
-
-
-def pipConstraints(installed: dict) -> str:
-    """A pip constraints file that pins the installed versions of `PINNED`, so that installing the other packages
-    cannot replace the PyTorch extension's torch and torchvision or Slicer's numpy and SimpleITK."""
-    return "".join(f"{name}=={installed[canonicalName(name)]}\n" for name in PINNED if canonicalName(name) in installed)
-
-
-def torchInstallArguments(installed: dict) -> dict:
-    """Keyword arguments for ``PyTorchUtils.PyTorchUtilsLogic().installTorch`` that install what `TORCH_REQUIREMENTS`
-    lacks. An installed torch is kept (its exact release is asked for, so that a missing torchvision comes paired
-    with it); a torch too old for CLISC cannot be replaced in a running Slicer: RuntimeError says how to update it."""
-    packaging = _packaging()
-    torch, torchvision = (packaging.requirements.Requirement(text) for text in TORCH_REQUIREMENTS)
-    torchVersion = installed.get("torch")
-    if torchVersion is None:
-        torchSpecifier = str(torch.specifier)
-    elif unmetRequirements([str(torch)], installed):
-        raise RuntimeError(
-            f"CLISC needs {torch}, and this Slicer has torch {torchVersion}. Update it in the PyTorch Utils module "
-            "(Uninstall PyTorch, restart Slicer, Install PyTorch), then try again.")
-    else:
-        torchSpecifier = f"=={packaging.version.Version(torchVersion).public}"
-    arguments = {"askConfirmation": True, "torchVersionRequirement": torchSpecifier}
-    if str(torchvision.specifier):  # only newer PyTorchUtils take this argument
-        arguments["torchvisionVersionRequirement"] = str(torchvision.specifier)
-    return arguments
-
-
-def formatSize(size: int) -> str:
-    """A size in bytes for people: "2.4 GB", "350 MB", "12 kB"."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}" if size < 10 * scale else f"{size / scale:.0f} {unit}"
-    return f"{size} B"
-
-
-def uniqueSegmentName(segmentation, name: str) -> str:
-    """``name``, or ``name 2``, ``name 3``... if a segment of ``segmentation`` already has it."""
-    taken = {segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())}
-    candidate, number = name, 2
-    while candidate in taken:
-        candidate, number = f"{name} {number}", number + 1
-    return candidate
-
+DEFAULT_REFINE_SAM = "litemedsam"  # the fast preset's SAM: ships with CLISC, about 1 s per slice embedding on a CPU
+EMBEDDING_CACHE_SLICES = 64  # refinement's embedding cache: 64 slices × 4 MiB = 256 MiB, for all volumes together
+REFINED_VOLUMES = 3  # volumes whose Refiner (a copy of the voxels and their uint8 view for SAM) is kept
+UNDO_STATES = 20  # undo states kept per segmentation
 
 #
 # CLISCSegment
@@ -223,7 +69,16 @@ class CLISCSegment(ScriptedLoadableModule):
             "Segment a volume from a text prompt such as \"brain tumor\" or \"left lung\", without annotation: "
             "CLIP finds where the prompt is in each slice, Segment Anything draws the mask. Several prompts are "
             "separated by semicolons; each becomes a segment named after it. Review and edit the result in the "
-            "Segment Editor. Runs on a CUDA GPU in seconds, on a CPU in minutes (use the fast preset).")
+            "Segment Editor. Runs on a CUDA GPU in seconds, on a CPU in minutes (use the fast preset).\n\n"
+            "Refine: pick a segment (any: a CLISC result, a trained model's, one you drew) over the input volume, "
+            "then place positive points (part of the target), negative points (not part of it) or a box on any "
+            "slice of any view: the slice each lies on (along the volume's slice direction, Advanced) is redrawn "
+            "by Segment Anything with every point and the box on that slice. The first click on a slice computes "
+            "its image embedding (about a second on a CPU with LiteMedSAM); later clicks there take a fraction of "
+            "that. Propagate carries the last refined slice to its neighbours until SAM loses confidence or the "
+            "shape jumps. Only the refined slices of the chosen segment change; Undo restores the segmentation.\n\n"
+            "Shortcuts while this module is shown:\n" + "\n".join(
+                f"{key}: {description}" for key, description, _ in CLISCSegmentWidget.REFINE_SHORTCUTS))
         self.parent.acknowledgementText = (
             "Built on Segment Anything (Meta), open_clip, BiomedCLIP (Microsoft), MONAI and SimpleITK. "
             "Methods: MedCLIP-SAM (Koleilat et al., MICCAI 2024) and CLISC (ISBI 2025).")
@@ -259,33 +114,39 @@ class CLISCSegmentParameterNode:
 #
 
 
-class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class CLISCSegmentWidget(ModuleWidget):
+    """The module panel: input, prompts and settings, Segment (Cancel while it runs), Refine, exports, the weights
+    cache. The Refine section's behaviour is a `CLISCLib.refinement.RefineSession`; its jobs are watched by a
+    second, fast `JobWatcher` (a click on a cached slice answers within one poll)."""
+
+    # (key, what it does, the widget method it calls): the shortcuts and the help text are made from this
+    REFINE_SHORTCUTS = (
+        ("Shift+P", "place positive points (part of the target)", "onPlacePositive"),
+        ("Shift+N", "place negative points (not part of the target)", "onPlaceNegative"),
+        ("Shift+B", "draw a box", "onPlaceBox"),
+        ("Shift+C", "clear the points and the box", "onClearPoints"),
+        ("Shift+U", "propagate up (increasing slice index)", "onPropagateUp"),
+        ("Shift+D", "propagate down", "onPropagateDown"),
+        ("Shift+A", "propagate both ways", "onPropagateBoth"),
+        ("Ctrl+Z", "undo the last refinement or propagation", "onUndo"),
+        ("Ctrl+Y", "redo", "onRedo"),
+    )
+    REFINE_POLL_MS = 30
+
     def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._job = None          # the running SegmentJob
-        self._jobTargets = None   # (volume node, output segmentation node or None, show saliency)
-        self._timer = qt.QTimer()
-        self._timer.setInterval(200)
-        self._timer.connect("timeout()", self._pollJob)
+        ModuleWidget.__init__(self, parent, pollIntervalMs=200)
+        self._jobTargets = None  # (volume node, output segmentation node or None, show saliency) of the running job
+        self.refineSession = None
+        self._refineWatcher = None
+        self._refineFinished = None  # the session's callback for the running refine job
+        self._shortcuts = []
 
     def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
-        if showUnsupportedSlicer(self.layout):
+        if not self.setupPanel("UI/CLISCSegment.ui"):
             return
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CLISCSegment.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = CLISCSegmentLogic()
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegmentButton)
-        self.ui.trainedRunPath.connect("currentPathChanged(QString)", self._updateGui)
+        self.ui.trainedRunPath.connect("currentPathChanged(QString)", self.updateGui)
         self.ui.exportSegNrrdButton.connect("clicked(bool)", self.onExportSegNrrd)
         self.ui.exportLabelmapButton.connect("clicked(bool)", self.onExportLabelmap)
         self.ui.exportDicomSegButton.connect("clicked(bool)", self.onExportDicomSeg)
@@ -294,53 +155,71 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelsTable.connect("itemSelectionChanged()", self._updateModelButtons)
         self.ui.removeModelButton.connect("clicked(bool)", self.onRemoveModel)
         self.ui.progressBar.hide()
+        self._setupRefine()
         self.initializeParameterNode()
 
-    def cleanup(self) -> None:
-        if self._job:
-            self._job.cancel.cancel()
-        self._timer.stop()
-        self.removeObservers()
+    def _setupRefine(self) -> None:
+        self.refineSession = RefineSession(self.logic, self._watchRefineJob, self.log)
+        self._refineWatcher = JobWatcher(self._onRefineUpdate, self._onRefineJobFinished, self.REFINE_POLL_MS)
+        self.ui.refineSegmentSelector.connect("currentSegmentChanged(QString)", self.onRefineSegmentChanged)
+        self.ui.inputVolumeSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onRefineSegmentChanged)
+        for button, method in ((self.ui.placePositiveButton, self.onPlacePositive),
+                               (self.ui.placeNegativeButton, self.onPlaceNegative),
+                               (self.ui.placeBoxButton, self.onPlaceBox),
+                               (self.ui.clearPointsButton, self.onClearPoints),
+                               (self.ui.propagateUpButton, self.onPropagateUp),
+                               (self.ui.propagateDownButton, self.onPropagateDown),
+                               (self.ui.propagateBothButton, self.onPropagateBoth),
+                               (self.ui.undoButton, self.onUndo), (self.ui.redoButton, self.onRedo),
+                               (self.ui.refineCancelButton, self._refineWatcher.cancel)):
+            button.connect("clicked(bool)", lambda checked=False, method=method: method())
+        for key, description, method in self.REFINE_SHORTCUTS:
+            shortcut = qt.QShortcut(qt.QKeySequence(key), slicer.util.mainWindow())
+            shortcut.setEnabled(False)  # only while the module is shown
+            shortcut.connect("activated()", getattr(self, method))
+            self._shortcuts.append(shortcut)
+        self.ui.refineProgressBar.hide()
 
     def enter(self) -> None:
-        if self.logic:  # None in a Slicer too old for CLISC
-            self.initializeParameterNode()
+        ModuleWidget.enter(self)
+        for shortcut in self._shortcuts:
+            shortcut.setEnabled(True)
 
     def exit(self) -> None:
-        self.setParameterNode(None)
+        for shortcut in self._shortcuts:
+            shortcut.setEnabled(False)
+        if self.refineSession is not None:
+            self.refineSession.leavePlaceMode()
+        ModuleWidget.exit(self)
+
+    def cleanup(self) -> None:
+        if self._refineWatcher is not None:
+            self._refineWatcher.stop()
+        if self.refineSession is not None:
+            self.refineSession.stop()
+        for shortcut in self._shortcuts:
+            shortcut.setParent(None)
+        ModuleWidget.cleanup(self)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job:
-            self._job.cancel.cancel()
-        self.setParameterNode(None)
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
+        self.watcher.cancel()  # the volume goes away: its result would have nowhere to go
+        self._refineWatcher.cancel()
+        self.refineSession.stop()
+        ModuleWidget.onSceneStartClose(self, caller, event)
 
     def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
+        ModuleWidget.initializeParameterNode(self)
         if not self._parameterNode.inputVolume:
             self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
 
-    def setParameterNode(self, inputParameterNode: Optional[CLISCSegmentParameterNode]) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
-            self._updateGui()
-
-    def _updateGui(self, caller=None, event=None) -> None:
+    def updateGui(self, caller=None, event=None) -> None:
         parameters = self._parameterNode
         onCpu = parameters.device == "cpu" or (parameters.device == "auto" and not self.logic.cudaAvailable())
         self.ui.cpuWarningLabel.setVisible(onCpu)
-        if self._job:
+        if self.watcher.running:
             return  # the button is the Cancel button
         trained = bool(self.ui.trainedRunPath.currentPath)
-        ready = bool(parameters.inputVolume and (trained or splitPrompts(parameters.prompts)))
+        ready = bool(parameters.inputVolume and (trained or self.logic.splitPrompts(parameters.prompts)))
         self.ui.segmentButton.enabled = ready
         self.ui.segmentButton.toolTip = ("Segment the input volume" if ready
                                          else "Select an input volume and type a prompt (or choose a trained model)")
@@ -350,42 +229,37 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         segmentation = parameters.outputSegmentation
         for button in (self.ui.exportSegNrrdButton, self.ui.exportLabelmapButton, self.ui.exportDicomSegButton):
             button.enabled = segmentation is not None
-
-    def log(self, message: str) -> None:
-        self.ui.statusLog.appendPlainText(message)
-        logging.info(message)
+        self._updateRefineButtons()
 
     # -- Segment / Cancel
 
     def onSegmentButton(self) -> None:
-        if self._job:
-            self._job.cancel.cancel()
+        if self.watcher.running:
+            self.watcher.cancel()
             self.log("Cancelling...")
             return
         with slicer.util.tryWithErrorDisplay("CLISC could not start the segmentation.", waitCursor=True):
             parameters = self._parameterNode
             if not ensurePackages(self.log):
                 return
-            options = dict(clip=parameters.clip.strip() or None, sam=parameters.sam.strip() or None,
-                           device=parameters.device, preset=parameters.preset,
-                           negativePrompts=splitPrompts(parameters.negativePrompt) or None,
-                           saliency=None if parameters.saliency == "preset" else parameters.saliency,
-                           profile=parameters.profile,
-                           prompt_type=None if parameters.promptType == "profile" else parameters.promptType,
-                           axis=parameters.axis, slices=parameters.slices)
             trainedRun = self.ui.trainedRunPath.currentPath
             if trainedRun:
                 options = dict(device=parameters.device, trainedRun=trainedRun)
                 prompts, what = None, f"with the trained model in {trainedRun}"
             else:
+                options = dict(clip=parameters.clip.strip() or None, sam=parameters.sam.strip() or None,
+                               device=parameters.device, preset=parameters.preset,
+                               negativePrompts=self.logic.splitPrompts(parameters.negativePrompt) or None,
+                               saliency=None if parameters.saliency == "preset" else parameters.saliency,
+                               profile=parameters.profile,
+                               prompt_type=None if parameters.promptType == "profile" else parameters.promptType,
+                               axis=parameters.axis, slices=parameters.slices)
                 if not self.ensureModels(options["clip"], options["sam"]):
                     return
-                prompts = splitPrompts(parameters.prompts)
+                prompts = self.logic.splitPrompts(parameters.prompts)
                 what = "; ".join(prompts)
-            volume = self.logic.volumeFromNode(parameters.inputVolume)
             self._jobTargets = (parameters.inputVolume, parameters.outputSegmentation, parameters.showSaliency)
-            self._job = SegmentJob(self.logic.run, volume=volume, prompts=prompts, **options)
-            self._job.start()
+            self.watcher.watch(self.logic.startSegmenting(parameters.inputVolume, prompts, **options))
             self.log(f"Segmenting {parameters.inputVolume.GetName()}: {what}")
             self._setRunning(True)
 
@@ -393,27 +267,21 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.segmentButton.text = "Cancel" if running else "Segment"
         self.ui.progressBar.setVisible(running)
         self.ui.progressBar.value = 0
-        if running:
-            self._timer.start()
-        else:
-            self._timer.stop()
-            self._updateGui()
+        if not running:
+            self.updateGui()
 
-    def _pollJob(self) -> None:
-        job = self._job
-        if job is None:
-            return
-        stage, done, total, message = job.progress
-        self.ui.progressBar.setFormat(f"{stage} {message} %p%")
-        self.ui.progressBar.value = int(100 * done / total) if total else 0
-        if not job.finished:
-            return
+    def onJobUpdate(self, update) -> None:
+        if isinstance(update, Progress):
+            showProgress(self.ui.progressBar, update)
+        else:
+            self.log(update)
+
+    def onJobFinished(self, job) -> None:
         from clisc.errors import Cancelled, InputError
 
-        self._job = None
         self._setRunning(False)
         volumeNode, segmentationNode, showSaliency = self._jobTargets
-        if job.cancel.cancelled or isinstance(job.error, Cancelled):
+        if job.cancelled or isinstance(job.error, Cancelled):
             self.log("Cancelled: nothing was added to the scene.")
         elif job.error is not None:
             self.log(f"Failed: {job.error}")
@@ -425,33 +293,158 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             if segmentationNode is not None and not slicer.mrmlScene.IsNodePresent(segmentationNode):
                 segmentationNode = None
-            segmentationNode = self.logic.addSegments(volumeNode, job.result, segmentationNode, showSaliency)
+            result = job.result
+            segmentationNode = mrml.addSegments(volumeNode, result, segmentationNode, showSaliency)
             self._parameterNode.outputSegmentation = segmentationNode
-            for name, mask in zip(job.result.names, job.result.masks):
-                relevant = job.result.report.get("selected_slices", {}).get(name)
+            for name, mask in zip(result.names, result.masks):
+                relevant = result.report.get("selected_slices", {}).get(name)
                 note = " (no slice looked relevant: try Slices: all)" if not mask.any() and not relevant else ""
-                profile = job.result.report.get("profiles", {}).get(name)
+                profile = result.report.get("profiles", {}).get(name)
                 chosen = f", profile {profile['profile']} ({profile['why']})" if profile else ""
                 self.log(f"  {name}: {int(mask.sum())} voxels{chosen}{note}")
-            seconds = sum(job.result.report.get("seconds", {}).values())
-            self.log(f"Done in {seconds:.0f} s on {job.result.report.get('device')}: {segmentationNode.GetName()}")
-            count = segmentationNode.GetNumberOfNodeReferences(SALIENCY_REFERENCE)
+            seconds = sum(result.report.get("seconds", {}).values())
+            self.log(f"Done in {seconds:.0f} s on {result.report.get('device')}: {segmentationNode.GetName()}")
+            count = segmentationNode.GetNumberOfNodeReferences(mrml.SALIENCY_REFERENCE)
             if showSaliency and count:
-                saliencyNode = segmentationNode.GetNthNodeReference(SALIENCY_REFERENCE, count - 1)
+                saliencyNode = segmentationNode.GetNthNodeReference(mrml.SALIENCY_REFERENCE, count - 1)
                 saliencyNode.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
                 slicer.util.setSliceViewerLayers(foreground=saliencyNode, foregroundOpacity=0.4)
 
-    # -- first use: packages and weights
+    # -- Refine
+
+    def _updateRefineButtons(self) -> None:
+        segmentationNode, segmentId, volumeNode = self._refineTarget()
+        for button in (self.ui.placePositiveButton, self.ui.placeNegativeButton, self.ui.placeBoxButton):
+            button.enabled = None not in (segmentationNode, segmentId, volumeNode)
+        for button in (self.ui.clearPointsButton, self.ui.propagateUpButton, self.ui.propagateDownButton,
+                       self.ui.propagateBothButton, self.ui.undoButton, self.ui.redoButton):
+            button.enabled = self.refineSession.active
+        self.ui.refineCancelButton.enabled = self._refineWatcher.running
+
+    def onRefineSegmentChanged(self, segmentId=None) -> None:
+        """Another segment (or input volume) was picked: stop refining the previous one, and say at once when the
+        new one cannot be refined on the input volume. Refining starts with the first place button."""
+        self.refineSession.stop()
+        segmentationNode, segmentId, volumeNode = self._refineTarget()
+        if segmentationNode is not None and segmentId and volumeNode is not None:
+            problem = mrml.segmentGridProblem(segmentationNode, segmentId, volumeNode)
+            if problem:
+                self.log(f"Cannot refine this segment: {problem}")
+        self._updateRefineButtons()
+
+    def _refineTarget(self) -> tuple:
+        """(segmentation node, segment ID, input volume node) picked in the GUI, each None when not picked."""
+        return (self.ui.refineSegmentSelector.currentNode(), self.ui.refineSegmentSelector.currentSegmentID() or None,
+                self.ui.inputVolumeSelector.currentNode())
+
+    def _startRefining(self) -> bool:
+        """Start refining the picked segment on the input volume unless that is under way: the engine's packages
+        and the refinement SAM's weights first (asked for, as for Segment). False, with the reason, when it cannot."""
+        from clisc.errors import InputError
+
+        segmentationNode, segmentId, volumeNode = self._refineTarget()
+        session = self.refineSession
+        if session.active and (session.segmentationNode, session.segmentId, session.volumeNode) == (
+                segmentationNode, segmentId, volumeNode):
+            return True
+        if segmentationNode is None or segmentId is None or volumeNode is None:
+            self.log("Pick the input volume (Inputs) and the segment to refine (Refine) first.")
+            return False
+        with slicer.util.tryWithErrorDisplay("CLISC could not start refining.", waitCursor=True):
+            if not ensurePackages(self.log):
+                return False
+            options = self._refineOptions()
+            if not self.ensureWeights([name for name in self.logic.missingModels(sam=options["sam"])
+                                       if name == options["sam"]]):
+                return False
+            try:
+                session.start(segmentationNode, segmentId, volumeNode, **options)
+            except InputError as error:
+                self.log(f"Cannot refine this segment: {error}")
+        self._updateRefineButtons()
+        return session.active
+
+    def _refineOptions(self) -> dict:
+        """The SAM, device and slice direction of refinement: the Advanced section's (an empty SAM field: the
+        preset's SAM)."""
+        from clisc.zeroshot import preset_options
+
+        parameters = self._parameterNode
+        return dict(sam=parameters.sam.strip() or preset_options(parameters.preset).sam, device=parameters.device,
+                    axis=parameters.axis)
+
+    def _watchRefineJob(self, job, onFinished) -> None:
+        self._refineFinished = onFinished
+        self._refineWatcher.watch(job)
+        self.ui.refineProgressBar.value = 0
+        self.ui.refineProgressBar.show()
+        self._updateRefineButtons()
+
+    def _onRefineUpdate(self, update) -> None:
+        if isinstance(update, Progress):
+            showProgress(self.ui.refineProgressBar, update)
+            if update.message:
+                self.log(update.message)
+        else:
+            self.log(update)
+
+    def _onRefineJobFinished(self, job) -> None:
+        self.ui.refineProgressBar.hide()
+        onFinished, self._refineFinished = self._refineFinished, None
+        onFinished(job)  # may start the next job (clicks made meanwhile)
+        self._updateRefineButtons()
+
+    def onPlacePositive(self) -> None:
+        if self._startRefining():
+            self.refineSession.place(RefineSession.POSITIVE)
+
+    def onPlaceNegative(self) -> None:
+        if self._startRefining():
+            self.refineSession.place(RefineSession.NEGATIVE)
+
+    def onPlaceBox(self) -> None:
+        if self._startRefining():
+            self.refineSession.place(RefineSession.BOX)
+
+    def onClearPoints(self) -> None:
+        self._whenRefining(self.refineSession.clearPoints)
+
+    def onPropagateUp(self) -> None:
+        self._whenRefining(self.refineSession.propagate, "up")
+
+    def onPropagateDown(self) -> None:
+        self._whenRefining(self.refineSession.propagate, "down")
+
+    def onPropagateBoth(self) -> None:
+        self._whenRefining(self.refineSession.propagate, "both")
+
+    def onUndo(self) -> None:
+        self._whenRefining(self.refineSession.undo)
+
+    def onRedo(self) -> None:
+        self._whenRefining(self.refineSession.redo)
+
+    def _whenRefining(self, action, *arguments) -> None:
+        if not self.refineSession.active:
+            self.log("Place a point on the segment to refine first (Refine section).")
+            return
+        action(*arguments)
+
+    # -- first use: model weights
 
     def ensureModels(self, clip: Optional[str], sam: Optional[str]) -> bool:
-        """Download the catalogue weights not in the cache yet, with a progress dialog; offer an offline import
-        when the download fails. True when all are installed."""
+        """`ensureWeights` of the CLIP and SAM a segmentation needs (None: the engine's defaults)."""
+        return self.ensureWeights(self.logic.missingModels(clip, sam))
+
+    def ensureWeights(self, names: list) -> bool:
+        """Download the catalogue weights ``names`` (not in the cache yet), with a progress dialog; offer an
+        offline import when the download fails. True when all are installed."""
         from clisc.errors import Cancelled
-        from clisc.models.cache import import_model
+        from clisc.models.cache import download_model, import_model
         from clisc.models.catalogue import get_entry
         from clisc.models.download import DownloadError
 
-        for name in self.logic.missingModels(clip, sam):
+        for name in names:
             entry = get_entry(name)
             if slicer.app.testingEnabled():
                 raise RuntimeError(f"model weights '{name}' are not installed (not downloaded in testing mode)")
@@ -460,7 +453,12 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     f"Download them now from {entry.homepage}?"):
                 return False
             try:
-                self._downloadWithDialog(name)
+                download = ThreadJob(functools.partial(download_model, name))
+                download.start()
+                runWithProgressDialog(
+                    download, "CLISC: downloading weights", f"Downloading {name}...",
+                    lambda progress: (f"{progress.stage}: {progress.done / 1e6:.0f} of {progress.total / 1e6:.0f} MB"
+                                      if progress.total else progress.stage))
             except Cancelled:
                 self.log(f"Download of {name} cancelled; it resumes next time.")
                 return False
@@ -480,15 +478,15 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._listModels()
         return True
 
-    def _downloadWithDialog(self, name: str) -> None:
-        from clisc.models.cache import download_model
-
-        runWithProgressDialog(
-            "CLISC: downloading weights", f"Downloading {name}...",
-            lambda stage, done, total: f"{stage}: {done / 1e6:.0f} of {total / 1e6:.0f} MB" if total else stage,
-            lambda progress, cancel: download_model(name, progress=progress, cancel=cancel))
-
     # -- the weights cache
+
+    @staticmethod
+    def formatSize(size: int) -> str:
+        """A size in bytes for people: "2.4 GB", "350 MB", "12 kB"."""
+        for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+            if size >= scale:
+                return f"{size / scale:.1f} {unit}" if size < 10 * scale else f"{size / scale:.0f} {unit}"
+        return f"{size} B"
 
     def _listModels(self) -> None:
         """Show the weights folder, and each model in it with its size (when the Models section opens, and after a
@@ -501,7 +499,7 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.modelsFolderLabel.text = f"Folder: {folder}"
         self.ui.modelsTable.setRowCount(len(models))
         for row, (name, path, size) in enumerate(models):
-            for column, text in enumerate((name, formatSize(size))):
+            for column, text in enumerate((name, self.formatSize(size))):
                 item = qt.QTableWidgetItem(text)
                 item.setToolTip(str(path))
                 self.ui.modelsTable.setItem(row, column, item)
@@ -527,132 +525,22 @@ class CLISCSegmentWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         path = qt.QFileDialog.getSaveFileName(None, "Export segmentation", "", "Slicer segmentation (*.seg.nrrd)")
         if path:
             with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
-                self.logic.exportSegmentation(self._parameterNode.outputSegmentation, path)
+                mrml.exportSegmentation(self._parameterNode.outputSegmentation, path)
                 self.log(f"Wrote {path}")
 
     def onExportLabelmap(self) -> None:
         path = qt.QFileDialog.getSaveFileName(None, "Export labelmap", "", "Labelmap (*.nii.gz *.nrrd)")
         if path:
             with slicer.util.tryWithErrorDisplay("Export failed.", waitCursor=True):
-                self.logic.exportLabelmap(self._parameterNode.outputSegmentation,
-                                          self._parameterNode.inputVolume, path)
+                mrml.exportLabelmap(self._parameterNode.outputSegmentation, self._parameterNode.inputVolume, path)
                 self.log(f"Wrote {path}")
 
     def onExportDicomSeg(self) -> None:
         folder = qt.QFileDialog.getExistingDirectory(None, "Folder for the DICOM SEG file")
         if folder:
             with slicer.util.tryWithErrorDisplay("DICOM SEG export failed.", waitCursor=True):
-                self.logic.exportDicomSeg(self._parameterNode.outputSegmentation, folder)
-                self.log(f"Wrote DICOM SEG into {folder}")
-
-
-def ensurePackages(log) -> bool:
-    """Before a run (both modules' GUIs): install the engine's missing Python packages once the user agrees, torch
-    and torchvision through the PyTorch extension, the others with pip (`CLISCSegmentLogic.installPackages`).
-    Nothing is installed in testing mode. True when the engine can run now; False when the user declined or Slicer
-    must restart first. ``log(text)`` reports progress."""
-    logic = CLISCSegmentLogic()
-    missingTorch, missing = logic.missingTorch(), logic.missingPackages()
-    if not missingTorch + missing:
-        return True
-    if slicer.app.testingEnabled():
-        raise RuntimeError("missing Python packages (not installed in testing mode): "
-                           + ", ".join(missingTorch + missing))
-    if missingTorch:
-        if not installTorch():
-            return False
-        missing = logic.missingPackages()
-    if missing:
-        if not slicer.util.confirmOkCancelDisplay(
-                f"CLISC needs these Python packages: {', '.join(missing)}.\n"
-                "Install them now? It takes a few minutes and needs an internet connection. "
-                "PyTorch stays as the PyTorch extension installed it."):
-            return False
-        log(f"Installing {', '.join(missing)}...")
-        with slicer.util.WaitCursor():
-            changed = logic.installPackages()
-        if changed or logic.missingPackages():  # pip upgraded a package this session may have imported already
-            note = f" ({', '.join(changed)} changed version)" if changed else ""
-            if slicer.util.confirmOkCancelDisplay(f"The packages are installed{note}; Slicer must restart to use "
-                                                  "them. Restart now?"):
-                slicer.util.restart()
-            return False
-    return True
-
-
-def installTorch() -> bool:
-    """Have the PyTorch extension's PyTorchUtils install torch and torchvision (the build for this computer's GPU or
-    CPU; it asks the user first). True when it did."""
-    try:
-        import PyTorchUtils
-    except ModuleNotFoundError:
-        raise RuntimeError("CLISC needs PyTorch, which the PyTorch extension installs: install \"PyTorch\" from the "
-                           "Extensions Manager, restart Slicer and try again.") from None
-    arguments = torchInstallArguments(installedVersions())
-    if PyTorchUtils.PyTorchUtilsLogic().installTorch(**arguments) is None:
-        return False
-    importlib.invalidate_caches()
-    return True
-
-
-def runWithProgressDialog(title: str, label: str, describe, work):
-    """``work(progress, cancel)`` on the main thread behind a progress dialog whose Cancel button cancels it
-    (the engine raises `clisc.errors.Cancelled` at its next check); returns what ``work`` returns.
-    ``describe(stage, done, total)`` is the dialog's text for each progress report."""
-    from clisc.progress import CancelToken
-
-    dialog = slicer.util.createProgressDialog(windowTitle=title, labelText=label, maximum=100)
-    cancel = CancelToken()
-
-    def progress(stage, done, total, message=""):
-        dialog.labelText = describe(stage, done, total)
-        dialog.value = int(100 * done / total) if total else 0
-        slicer.app.processEvents()
-        if dialog.wasCanceled:
-            cancel.cancel()
-
-    try:
-        return work(progress, cancel)
-    finally:
-        dialog.close()
-
-
-#
-# SegmentJob
-#
-
-
-class SegmentJob:
-    """Runs ``run(**arguments, progress=..., cancel=...)`` on a worker thread. The main thread polls
-    `progress` and `finished`, then reads `result` or `error`; the worker never touches MRML."""
-
-    def __init__(self, run, **arguments) -> None:
-        from clisc.progress import CancelToken
-
-        self.cancel = CancelToken()
-        self.progress = ("starting", 0, 0, "")  # the latest (stage, done, total, message)
-        self.result = None
-        self.error = None
-        self._thread = threading.Thread(target=self._work, args=(run, arguments), daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def finished(self) -> bool:
-        return self._thread.ident is not None and not self._thread.is_alive()
-
-    def wait(self, timeout: Optional[float] = None) -> None:
-        self._thread.join(timeout)
-
-    def _report(self, stage: str, done: int, total: int, message: str = "") -> None:
-        self.progress = (stage, done, total, message)
-
-    def _work(self, run, arguments) -> None:
-        try:
-            self.result = run(**arguments, progress=self._report, cancel=self.cancel)
-        except BaseException as error:  # handed to the main thread, which reports it
-            self.error = error
+                exporter = mrml.exportDicomSeg(self._parameterNode.outputSegmentation, folder)
+                self.log(f"Wrote DICOM SEG into {folder} ({exporter})")
 
 
 #
@@ -665,18 +553,28 @@ class CLISCSegmentLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        unsupported = unsupportedSlicerMessage()
-        if unsupported:
-            raise RuntimeError(unsupported)
+        requireSupportedSlicer()
         self._models = {}  # family -> (spec, loaded model): the last CLIP and SAM, kept between runs
+        # refinement: one Refiner per volume (its image view and SAM's last logits), all sharing one bounded
+        # embedding cache for the refinement SAM; undo states per segmentation node
+        self._refiners = OrderedDict()  # volume node ID -> (signature, clisc.refine.Refiner)
+        self._refineModelKey = self._refineSegmenter = self._embeddingCache = None
+        self._refinerLock = threading.Lock()  # one refinement or propagation at a time
+        self._histories = {}  # segmentation node ID -> vtkSegmentationHistory
 
     def getParameterNode(self):
         return CLISCSegmentParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def splitPrompts(text: str) -> list:
+        """The prompts in a semicolon-separated text, stripped, empty ones dropped."""
+        return [part.strip() for part in text.split(";") if part.strip()]
 
     def segment(self, volumeNode, prompts, clip=None, sam=None, device="auto", preset="accurate",
                 negativePrompts=None, segmentationNode=None, showSaliency=False, progress=None, cancel=None,
                 trainedRun=None, **options):
         """Segment ``volumeNode`` from text prompts; returns the segmentation node (one segment per prompt).
+        Blocks until done (the engine runs on a worker thread meanwhile, and Slicer keeps processing events).
 
         Args:
             volumeNode: a scalar (or RGB) volume node.
@@ -687,50 +585,46 @@ class CLISCSegmentLogic(ScriptedLoadableModuleLogic):
             negativePrompts: what the target is not (replaces the engine's default negative ensemble).
             segmentationNode: add the segments to this node (existing segments are kept); None: a new node.
             showSaliency: also add the saliency maps as volume nodes on the input's grid.
-            progress: called as ``progress(stage, done, total, message)``. cancel: a `clisc.progress.CancelToken`.
+            progress: called on this thread as ``progress(stage, done, total, message, **fields)``.
+            cancel: a `clisc.progress.CancelToken`; cancelled, the call raises `clisc.errors.Cancelled`.
             trainedRun: a finished CLISC Train run folder: segment with its 3D U-Net instead (one segment, named
                 after the run's prompt; ``prompts``, the models and the zero-shot options are not used).
             options: other `clisc.zeroshot.SegmentOptions` fields, e.g. ``slices="all"``, ``axis="axial"``.
         """
-        volume = self.volumeFromNode(volumeNode)
-        result = self.run(volume, prompts, clip, sam, device, preset, negativePrompts, progress, cancel, trainedRun,
-                          **options)
-        return self.addSegments(volumeNode, result, segmentationNode, showSaliency)
+        job = self.startSegmenting(volumeNode, prompts, clip, sam, device, preset, negativePrompts, cancel,
+                                   trainedRun, **options)
+        return mrml.addSegments(volumeNode, job.wait(progress=progress), segmentationNode, showSaliency)
 
-    # -- step 1, main thread
-
-    @staticmethod
-    def volumeFromNode(volumeNode):
-        """A `clisc.volume.Volume` holding a copy of the node's voxels (K, J, I) and its IJK→RAS."""
-        from clisc.volume import Volume
-
-        array = slicer.util.arrayFromVolume(volumeNode).copy()
-        if array.ndim == 4:  # an RGB(A) image (a loaded PNG/JPG): the engine reads its grey level
-            array = array[..., :3].mean(axis=-1).astype(np.float32)
-        matrix = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(matrix)
-        return Volume(array, slicer.util.arrayFromVTKMatrix(matrix), volumeNode.GetName())
-
-    # -- step 2, any thread: no MRML
+    def startSegmenting(self, volumeNode, prompts, clip=None, sam=None, device="auto", preset="accurate",
+                        negativePrompts=None, cancel=None, trainedRun=None, **options) -> ThreadJob:
+        """Copy the volume out of MRML (here, on the main thread) and start `run` on it on a worker thread; the
+        started job, whose result is the `clisc.result.SegmentResult` for `CLISCLib.mrml.addSegments`. The
+        arguments are `segment`'s."""
+        volume = mrml.volumeFromNode(volumeNode)
+        job = ThreadJob(functools.partial(self.run, volume, prompts, clip, sam, device, preset, negativePrompts,
+                                          trainedRun=trainedRun, **options), token=cancel)
+        job.start()
+        return job
 
     def run(self, volume, prompts, clip=None, sam=None, device="auto", preset="accurate", negativePrompts=None,
             progress=None, cancel=None, trainedRun=None, **options):
-        """The engine on a `Volume`; returns a `clisc.result.SegmentResult` (masks on the volume's grid)."""
+        """The engine on a `clisc.volume.Volume`, on any thread (no MRML); returns a `clisc.result.SegmentResult`
+        (masks on the volume's grid). The arguments are `segment`'s."""
         from clisc.progress import no_progress
         from clisc.zeroshot import ZeroShotSegmenter, preset_options
 
+        report = progress or no_progress
         if trainedRun:
-            from clisc.cohort.run import apply_run
+            from clisc.cohort.apply import apply_run
 
-            return apply_run(trainedRun, volume, device, progress=progress or no_progress, cancel=cancel)
+            return apply_run(trainedRun, volume, device, progress=report, cancel=cancel)
 
         if isinstance(prompts, str):
-            prompts = splitPrompts(prompts)
+            prompts = self.splitPrompts(prompts)
         named = {family: str(spec) if isinstance(spec, (str, os.PathLike)) else None
                  for family, spec in (("clip", clip), ("sam", sam))}
         settings = preset_options(preset, device=device, **named, **options,
                                   negative_prompts=tuple(negativePrompts) if negativePrompts else None)
-        report = progress or no_progress
         report("loading models", 0, 1, "")
         clipModel = self.loadModel("clip", settings.clip if clip is None else clip)
         samModel = self.loadModel("sam", settings.sam if sam is None else sam)
@@ -751,110 +645,7 @@ class CLISCSegmentLogic(ScriptedLoadableModuleLogic):
             self._models[family] = (str(spec), (load_clip if family == "clip" else load_sam)(spec))
         return self._models[family][1]
 
-    # -- step 3, main thread
-
-    def addSegments(self, volumeNode, result, segmentationNode=None, showSaliency=False):
-        """Write a `SegmentResult` as new segments (named after the prompts, never replacing existing ones)
-        of ``segmentationNode`` or of a new segmentation node placed beside ``volumeNode``; returns the node.
-        If writing fails, the segments and nodes added so far are removed again."""
-        from clisc.writers import SEGMENT_COLORS
-
-        scene = slicer.mrmlScene
-        created = segmentationNode is None
-        if created:
-            segmentationNode = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
-                                                       scene.GenerateUniqueName(f"{volumeNode.GetName()} CLISC"))
-            segmentationNode.CreateDefaultDisplayNodes()
-            self._placeBeside(volumeNode, segmentationNode)
-        if created or not segmentationNode.GetNodeReference(segmentationNode.GetReferenceImageGeometryReferenceRole()):
-            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
-        segmentation = segmentationNode.GetSegmentation()
-        added, saliencyNodes = [], []
-        try:
-            for n, (mask, prompt) in enumerate(zip(result.masks, result.names)):
-                color = SEGMENT_COLORS[segmentation.GetNumberOfSegments() % len(SEGMENT_COLORS)]
-                segmentId = segmentation.AddEmptySegment("", uniqueSegmentName(segmentation, prompt), color)
-                added.append(segmentId)
-                segment = segmentation.GetSegment(segmentId)
-                segment.SetTag(PROMPT_TAG, prompt)
-                terminology = terminologyEntry(prompt)
-                if terminology:
-                    segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), terminology)
-                slicer.util.updateSegmentBinaryLabelmapFromArray(mask.astype(np.uint8), segmentationNode, segmentId,
-                                                                  volumeNode)
-                if showSaliency and result.saliency:
-                    saliencyNodes.append(self._addSaliencyVolume(volumeNode, result.saliency[n],
-                                                                 f"{segment.GetName()} saliency"))
-                    segmentationNode.AddNodeReferenceID(SALIENCY_REFERENCE, saliencyNodes[-1].GetID())
-        except Exception:
-            for segmentId in added:
-                segmentation.RemoveSegment(segmentId)
-            for node in saliencyNodes + ([segmentationNode] if created else []):
-                displayNodes = [node.GetNthDisplayNode(n) for n in range(node.GetNumberOfDisplayNodes())]
-                for removed in displayNodes + [node]:
-                    scene.RemoveNode(removed)
-            raise
-        return segmentationNode
-
-    def _addSaliencyVolume(self, volumeNode, saliency, name):
-        """A volume node holding ``saliency`` (K, J, I) on the grid of ``volumeNode``, shown in 0..1."""
-        matrix = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(matrix)
-        node = slicer.util.addVolumeFromArray(saliency.astype(np.float32), matrix,
-                                              slicer.mrmlScene.GenerateUniqueName(name))
-        node.GetDisplayNode().AutoWindowLevelOff()
-        node.GetDisplayNode().SetWindowLevelMinMax(0.0, 1.0)
-        self._placeBeside(volumeNode, node)
-        return node
-
-    @staticmethod
-    def _placeBeside(volumeNode, node) -> None:
-        """Put ``node`` under the parent of ``volumeNode`` in the subject hierarchy (its study, where DICOM SEG
-        export looks) and under the same transform."""
-        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-
-        def item(dataNode):  # Slicer's GUI creates the items of new nodes; headless MRML does not
-            return hierarchy.GetItemByDataNode(dataNode) or hierarchy.CreateItem(hierarchy.GetSceneItemID(), dataNode)
-
-        hierarchy.SetItemParent(item(node), hierarchy.GetItemParent(item(volumeNode)))
-        node.SetAndObserveTransformNodeID(volumeNode.GetTransformNodeID())
-
-    # -- first use: Python packages
-
-    @staticmethod
-    def missingPackages() -> list:
-        """The requirements of `REQUIREMENTS` that the installed distributions leave unmet (missing or too old)."""
-        return unmetRequirements(REQUIREMENTS, installedVersions())
-
-    @staticmethod
-    def missingTorch() -> list:
-        """The unmet requirements of `TORCH_REQUIREMENTS`: for the PyTorch extension to install (see `installTorch`),
-        never pip here."""
-        return unmetRequirements(TORCH_REQUIREMENTS, installedVersions())
-
-    def installPackages(self) -> list:
-        """pip-install `missingPackages` (never torch or torchvision) with a constraints file pinning the installed
-        `PINNED` packages, through ``slicer.packaging.pip_ensure`` (Slicer 5.12) or ``slicer.util.pip_install``.
-        Returns the distributions whose installed version changed (Slicer must restart to use them)."""
-        missing = self.missingPackages()
-        if not missing:
-            return []
-        before = installedVersions()
-        with tempfile.TemporaryDirectory() as folder:
-            constraints = Path(folder) / "constraints.txt"
-            constraints.write_text(pipConstraints(before), encoding="utf-8")
-            try:
-                from slicer.packaging import pip_ensure
-            except ImportError:  # Slicer 5.10
-                slicer.util.pip_install(["-c", str(constraints), *missing])
-            else:
-                pip_ensure(missing, constraints=constraints, requester="CLISC", prompt_install=False,
-                           prompt_restart=False, skip_in_testing=False)
-        importlib.invalidate_caches()
-        after = installedVersions()
-        return sorted(name for name, version in before.items() if after.get(name, version) != version)
-
-    # -- first use: model weights
+    # -- model weights
 
     @staticmethod
     def missingModels(clip=None, sam=None) -> list:
@@ -892,6 +683,225 @@ class CLISCSegmentLogic(ScriptedLoadableModuleLogic):
         remove_model(name)
         self._models = {family: loaded for family, loaded in self._models.items() if loaded[0] != name}
 
+    # -- refinement: clicks on a slice, propagation, undo
+
+    def sliceGeometry(self, volumeNode, axis=None) -> tuple:
+        """(``volumeNode``'s grid as a `clisc.volume.Volume` without voxels, the slice axis as an array axis 0/1/2).
+        ``axis``: None or "auto" (the acquisition axis), "axial", "coronal", "sagittal", "k", "j", "i", or 0/1/2."""
+        from clisc.zeroshot.options import slice_axis
+
+        geometry = mrml.volumeGeometry(volumeNode)
+        if axis is None or isinstance(axis, str):
+            return geometry, slice_axis(geometry, axis or "auto")
+        return geometry, int(axis)
+
+    @staticmethod
+    def refineVolume(segmentationNode, volumeNode=None):
+        """The volume a segmentation is refined on: ``volumeNode``, else its reference geometry's volume."""
+        from clisc.errors import InputError
+
+        volumeNode = volumeNode or segmentationNode.GetNodeReference(
+            segmentationNode.GetReferenceImageGeometryReferenceRole())
+        if volumeNode is None or not volumeNode.IsA("vtkMRMLScalarVolumeNode"):
+            raise InputError(f"{segmentationNode.GetName()} names no volume its segments were drawn on: give "
+                             "volumeNode=, the image to refine them on")
+        return volumeNode
+
+    def refine(self, segmentationNode, segmentId, sliceIndex, points=None, labels=None, box=None, volumeNode=None,
+               axis=None, sam=None, device="auto"):
+        """Re-run SAM on one slice of a segment from clicks and/or a box, and write the new slice into the segment
+        (one undo state); returns the `clisc.refine.SliceRefinement`. Blocks until done (the work runs on a worker
+        thread meanwhile and Slicer keeps processing events).
+
+        Args:
+            segmentationNode, segmentId: the segment: any, a CLISC result, a trained U-Net's or one drawn by hand.
+            sliceIndex: the slice, along ``axis`` of the volume's voxel array (for axial slices of an axial scan,
+                the k index Slicer shows in the Data probe).
+            points: the clicks of this slice (every one so far, as SAM takes them), in world RAS millimetres as
+                markups give them (``markupsNode.GetNthControlPointPositionWorld(n)``); each is taken at its nearest
+                voxel (`clisc.refine.slice_point`) and must lie on ``sliceIndex``.
+            labels: one per point, 1 positive (part of the target), 0 negative; default all positive.
+            box: RAS corners (mm, world) of a box: two opposite corners, or the eight of a markups ROI; its extent in
+                the slice plane is used.
+            volumeNode: the image (default the segmentation's reference geometry volume); the segment must lie on
+                its voxel grid, or InputError says why not.
+            axis: the slice direction, None = the volume's acquisition axis (see `sliceGeometry`).
+            sam: a catalogue name, checkpoint path, loaded SAM, or a `clisc.sam.SliceSegmenter`; None: LiteMedSAM
+                (`DEFAULT_REFINE_SAM`). device: auto, cpu or cuda.
+
+        Only slice ``sliceIndex`` of this segment changes. The first click on a slice whose image embedding is not
+        cached costs one SAM encoder pass; later clicks reuse it (`EMBEDDING_CACHE_SLICES`).
+        """
+        return self.startRefining(segmentationNode, segmentId, sliceIndex, points, labels, box, volumeNode, axis,
+                                  sam, device).wait()
+
+    def startRefining(self, segmentationNode, segmentId, sliceIndex, points=None, labels=None, box=None,
+                      volumeNode=None, axis=None, sam=None, device="auto") -> ThreadJob:
+        """`refine` as a started background job (what the Refine section runs): the inputs are checked and copied
+        here (InputError for a segment on another grid, a point outside the volume or on another slice), SAM runs
+        on a worker thread, and the job's finish step writes the slice back on the main thread."""
+        volumeNode = self.refineVolume(segmentationNode, volumeNode)
+        mask = mrml.segmentMask(segmentationNode, segmentId, volumeNode)
+        geometry, axis = self.sliceGeometry(volumeNode, axis)
+        pixels = None
+        if points is not None and len(points):
+            pixels = slicePixels(geometry, axis, sliceIndex, [mrml.volumeRasFromWorld(volumeNode, p) for p in points])
+        boxPixels = None if box is None else sliceBox(geometry, axis,
+                                                      [mrml.volumeRasFromWorld(volumeNode, c) for c in box])
+        signature, prepare = self._refinerPreparation(volumeNode, axis, sam, device)
+
+        uncached = (f"slice {sliceIndex} has no image embedding yet: computing it (one SAM encoder pass; the next "
+                    "clicks on it reuse it)")
+
+        def work(progress, cancel):
+            with self._usingRefiner(prepare, progress, cancel, embeddings=1, message=uncached) as refiner:
+                return refiner, refiner.refine(mask, sliceIndex, pixels, labels, boxPixels)
+
+        def finish(output):
+            refiner, refinement = output
+            self._keepRefiner(volumeNode, signature, refiner)
+            self._saveUndoState(segmentationNode)
+            mrml.replaceSegmentSlices(segmentationNode, segmentId, volumeNode, axis, {refinement.index: refinement.mask})
+            return refinement
+
+        job = ThreadJob(work, finish)
+        job.start()
+        return job
+
+    def propagate(self, segmentationNode, segmentId, sliceIndex, direction="both", volumeNode=None, axis=None,
+                  sam=None, device="auto", progress=None, cancel=None):
+        """Carry slice ``sliceIndex`` of a segment to its neighbours with SAM (`clisc.refine.Refiner.propagate`:
+        each next slice prompted with the previous one's box, until SAM's predicted IoU or the overlap with the
+        previous slice falls below its threshold) and write the slices it rewrote (one undo state); returns the
+        `clisc.refine.Propagation`, whose ``message`` says where and why each direction stopped. From an empty
+        slice nothing changes, and the message says so. Blocks until done.
+
+        ``direction``: "up" (increasing slice index), "down" or "both". Each slice reached costs one SAM image
+        embedding unless cached. ``progress(stage, done, total, message)`` and ``cancel`` (a
+        `clisc.progress.CancelToken`: the call then raises `clisc.errors.Cancelled` and writes nothing) as in
+        `segment`; the other arguments are `refine`'s.
+        """
+        return self.startPropagating(segmentationNode, segmentId, sliceIndex, direction, volumeNode, axis, sam,
+                                     device, cancel).wait(progress=progress)
+
+    def startPropagating(self, segmentationNode, segmentId, sliceIndex, direction="both", volumeNode=None,
+                         axis=None, sam=None, device="auto", cancel=None) -> ThreadJob:
+        """`propagate` as a started background job (cancellable; its progress counts the embeddings computed)."""
+        volumeNode = self.refineVolume(segmentationNode, volumeNode)
+        mask = mrml.segmentMask(segmentationNode, segmentId, volumeNode)
+        geometry, axis = self.sliceGeometry(volumeNode, axis)
+        count = geometry.array.shape[axis]
+        reachable = {"up": count - 1 - sliceIndex, "down": sliceIndex}.get(direction, count - 1)
+        signature, prepare = self._refinerPreparation(volumeNode, axis, sam, device)
+
+        def work(progress, cancel):
+            with self._usingRefiner(prepare, progress, cancel, embeddings=reachable, message="") as refiner:
+                return refiner, refiner.propagate(mask, sliceIndex, direction)
+
+        def finish(output):
+            import numpy as np
+
+            refiner, propagation = output
+            self._keepRefiner(volumeNode, signature, refiner)
+            changed = propagation.changed_slices
+            if changed:
+                self._saveUndoState(segmentationNode)
+                slices = np.moveaxis(propagation.mask, axis, 0)
+                mrml.replaceSegmentSlices(segmentationNode, segmentId, volumeNode, axis,
+                                          {index: slices[index] for index in changed})
+            return propagation
+
+        job = ThreadJob(work, finish, token=cancel)
+        job.start()
+        return job
+
+    def _refinerPreparation(self, volumeNode, axis: int, sam, device) -> tuple:
+        """(the signature of the Refiner ``volumeNode`` needs, a function giving that Refiner on the worker
+        thread): the kept one when the volume's voxels, geometry, the axis and the SAM are unchanged, else a new
+        one, built from a copy of the voxels taken here. A new SAM empties the embedding cache (the old SAM's
+        embeddings are of no use to it, and would keep the old model in memory)."""
+        spec = DEFAULT_REFINE_SAM if sam is None else sam
+        modelKey = (str(spec) if isinstance(spec, (str, os.PathLike)) else id(spec), device)
+        if modelKey != self._refineModelKey:
+            from clisc.refine import EmbeddingCache
+
+            self._refineModelKey, self._refineSegmenter = modelKey, None
+            self._embeddingCache = EmbeddingCache(EMBEDDING_CACHE_SLICES)
+            self._refiners.clear()
+        matrix = vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(matrix)
+        signature = (volumeNode.GetImageData().GetMTime(), tuple(matrix.GetElement(r, c) for r in range(4)
+                                                                  for c in range(4)), axis, modelKey)
+        kept = self._refiners.get(volumeNode.GetID())
+        if kept is not None and kept[0] == signature:
+            return signature, lambda: kept[1]
+        volume = mrml.volumeFromNode(volumeNode)
+
+        def build():
+            from clisc.refine import Refiner
+
+            if self._refineSegmenter is None:
+                self._refineSegmenter = ReportingSegmenter(self._sliceSegmenter(spec, device))
+            return Refiner(self._refineSegmenter, volume, axis, cache=self._embeddingCache)
+
+        return signature, build
+
+    def _sliceSegmenter(self, sam, device):
+        """A `clisc.sam.SliceSegmenter` of ``sam`` on ``device`` (one given already built is used as it is)."""
+        if hasattr(sam, "predict_logits"):
+            return sam
+        from clisc.result import resolve_device
+        from clisc.sam import SliceSegmenter
+
+        return SliceSegmenter(self.loadModel("sam", sam).to(resolve_device(device)))
+
+    @contextlib.contextmanager
+    def _usingRefiner(self, prepare, progress, cancel, embeddings: int, message: str):
+        """The prepared Refiner, for one job at a time (worker thread), its segmenter reporting to that job: at
+        most ``embeddings`` embeddings, ``message`` said as each starts."""
+        with self._refinerLock:
+            refiner = prepare()
+            segmenter = refiner.segmenter
+            segmenter.progress, segmenter.cancel, segmenter.total, segmenter.embedded = progress, cancel, embeddings, 0
+            segmenter.message = message
+            try:
+                yield refiner
+            finally:
+                segmenter.progress = segmenter.cancel = None
+
+    def _keepRefiner(self, volumeNode, signature, refiner) -> None:
+        """Keep ``refiner`` for ``volumeNode`` (main thread), dropping the least recently used beyond
+        `REFINED_VOLUMES`."""
+        self._refiners[volumeNode.GetID()] = (signature, refiner)
+        self._refiners.move_to_end(volumeNode.GetID())
+        while len(self._refiners) > REFINED_VOLUMES:
+            self._refiners.popitem(last=False)
+
+    def _history(self, segmentationNode):
+        """The undo states of ``segmentationNode``'s segmentation (a `vtkSegmentationHistory`, as Segment Editor
+        keeps), made on first use."""
+        history = self._histories.get(segmentationNode.GetID())
+        if history is None or history.GetSegmentation() is not segmentationNode.GetSegmentation():
+            history = slicer.vtkSegmentationHistory()
+            history.SetMaximumNumberOfStates(UNDO_STATES)
+            history.SetSegmentation(segmentationNode.GetSegmentation())
+            self._histories[segmentationNode.GetID()] = history
+        return history
+
+    def _saveUndoState(self, segmentationNode) -> None:
+        self._history(segmentationNode).SaveState()
+
+    def undo(self, segmentationNode) -> bool:
+        """Put the segmentation back as it was before the last refinement or propagation; False when there is
+        nothing to undo. Like Segment Editor's undo, it restores every segment of the segmentation to that state."""
+        history = self._history(segmentationNode)
+        return bool(history.IsRestorePreviousStateAvailable() and history.RestorePreviousState())
+
+    def redo(self, segmentationNode) -> bool:
+        """Redo what `undo` undid; False when there is nothing to redo (an edit since the undo clears it)."""
+        history = self._history(segmentationNode)
+        return bool(history.IsRestoreNextStateAvailable() and history.RestoreNextState())
+
     @staticmethod
     def cudaAvailable() -> bool:
         try:
@@ -899,59 +909,6 @@ class CLISCSegmentLogic(ScriptedLoadableModuleLogic):
         except ImportError:
             return False
         return torch.cuda.is_available()
-
-    # -- export
-
-    @staticmethod
-    def exportSegmentation(segmentationNode, path) -> None:
-        """Write a Slicer segmentation file (.seg.nrrd): segments with names, colours, tags, terminology."""
-        storage = slicer.vtkMRMLSegmentationStorageNode()
-        storage.SetFileName(str(path))
-        if not storage.WriteData(segmentationNode):
-            raise RuntimeError(f"could not write {path}")
-
-    @staticmethod
-    def exportLabelmap(segmentationNode, referenceVolumeNode, path) -> None:
-        """Write the visible segments as one labelmap (.nii.gz, .nrrd) on the reference volume's grid: label n
-        is the n-th segment (1-based; where segments overlap, the later one wins)."""
-        scene = slicer.mrmlScene
-        labelmapNode = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode")
-        try:
-            if not slicer.modules.segmentations.logic().ExportVisibleSegmentsToLabelmapNode(
-                    segmentationNode, labelmapNode, referenceVolumeNode):
-                raise RuntimeError(f"could not export {segmentationNode.GetName()} as a labelmap")
-            storage = slicer.vtkMRMLVolumeArchetypeStorageNode()
-            storage.SetFileName(str(path))
-            if not storage.WriteData(labelmapNode):
-                raise RuntimeError(f"could not write {path}")
-        finally:
-            displayNode = labelmapNode.GetDisplayNode()
-            if displayNode and displayNode.GetColorNode():
-                scene.RemoveNode(displayNode.GetColorNode())
-            scene.RemoveNode(labelmapNode)
-
-    @staticmethod
-    def exportDicomSeg(segmentationNode, outputFolder) -> None:
-        """Write a DICOM SEG file with Slicer's DICOM segmentation exporter. The segmentation must sit in the
-        study of a volume loaded from DICOM (segment() puts it there)."""
-        try:
-            from DICOMSegmentationPlugin import DICOMSegmentationPluginClass
-        except ImportError:
-            raise RuntimeError(
-                "DICOM SEG export needs Slicer's DICOM segmentation plugin, which the QuantitativeReporting "
-                "extension provides (with DCMQI): install QuantitativeReporting from the Extensions Manager, "
-                "restart Slicer and export again.") from None
-        hierarchy = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(slicer.mrmlScene)
-        exporter = DICOMSegmentationPluginClass()
-        exportables = exporter.examineForExport(hierarchy.GetItemByDataNode(segmentationNode))
-        if not exportables:
-            raise RuntimeError("the segmentation cannot be exported as DICOM SEG: its reference volume must be "
-                               "loaded from DICOM (DICOM module) and the segmentation must sit in its study")
-        for exportable in exportables:
-            exportable.directory = str(outputFolder)
-        error = exporter.export(exportables)
-        if error:
-            raise RuntimeError(error)
 
 
 #
@@ -969,10 +926,13 @@ class CLISCSegmentTest(ScriptedLoadableModuleTest):
     def runTest(self):
         self.setUp()
         self.test_segment_synthetic_volume()
+        self.setUp()
+        self.test_refine_and_undo()
 
     def test_segment_synthetic_volume(self):
         import tempfile
 
+        import numpy as np
         from clisc.models.loaders import load_clip
         from clisc.models.random_weights import (
             TINY_CLIP_CONFIG,
@@ -1000,10 +960,39 @@ class CLISCSegmentTest(ScriptedLoadableModuleTest):
                 segment = segmentation.GetNthSegment(index)
                 self.assertEqual(segment.GetName(), prompt)
                 tag = vtk.reference("")
-                self.assertTrue(segment.GetTag(PROMPT_TAG, tag))
+                self.assertTrue(segment.GetTag(mrml.PROMPT_TAG, tag))
                 self.assertEqual(str(tag), prompt)
                 labelmap = slicer.util.arrayFromSegmentBinaryLabelmap(
                     segmentationNode, segmentation.GetNthSegmentID(index), volumeNode)
                 self.assertEqual(labelmap.shape, array.shape)
-            self.assertEqual(segmentationNode.GetNumberOfNodeReferences(SALIENCY_REFERENCE), 2)
+            self.assertEqual(segmentationNode.GetNumberOfNodeReferences(mrml.SALIENCY_REFERENCE), 2)
+        self.delayDisplay("Test passed")
+
+    def test_refine_and_undo(self):
+        """A click refines only its slice of its segment; undo puts the segment back. A tiny random SAM: the
+        mechanics, not the mask's quality."""
+        import numpy as np
+        from clisc.models.random_weights import tiny_sam
+        from clisc.sam import SliceSegmenter
+
+        self.delayDisplay("Refining a segment with a tiny SAM")
+        array = np.random.default_rng(0).normal(size=(3, 48, 48)).astype(np.float32)
+        array[:, 12:36, 12:36] += 3
+        volumeNode = slicer.util.addVolumeFromArray(array, np.diag([-0.8, 0.8, 2.5, 1.0]), "CLISC refine test")
+        drawn = np.zeros(array.shape, np.uint8)
+        drawn[:, 14:30, 14:30] = 1
+        segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode")
+        segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+        segmentId = segmentationNode.GetSegmentation().AddEmptySegment("", "drawn")
+        slicer.util.updateSegmentBinaryLabelmapFromArray(drawn, segmentationNode, segmentId, volumeNode)
+        logic = CLISCSegmentLogic()
+        ras = (np.diag([-0.8, 0.8, 2.5, 1.0]) @ [24, 24, 1, 1])[:3]
+        refinement = logic.refine(segmentationNode, segmentId, 1, points=[ras], volumeNode=volumeNode,
+                                  sam=SliceSegmenter(tiny_sam(image_size=256)))
+        result = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode) > 0
+        self.assertTrue(np.array_equal(result[1], refinement.mask))
+        self.assertTrue(np.array_equal(result[[0, 2]], drawn[[0, 2]] > 0))
+        self.assertTrue(logic.undo(segmentationNode))
+        restored = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+        self.assertTrue(np.array_equal(restored, drawn))
         self.delayDisplay("Test passed")

@@ -1,9 +1,11 @@
 """CLISCTrain: pseudo-label a cohort and self-train a 3D U-Net (CLISC), from Slicer's GUI or its Python console.
 
-The engine (``python -m clisc train ... --json-progress``) runs in a background process started with Slicer's
-Python: Slicer stays responsive, a timer on the main thread reads the process's JSON-lines progress, Cancel ends
-the whole process tree, and the run folder, which the engine writes file by file atomically, can be resumed.
-Everything the GUI does works from the console::
+Training runs the engine (``python -m clisc train ... --json-progress``) in a background process started with
+Slicer's Python (a `CLISCLib.jobs.ProcessJob`): Slicer stays responsive, a timer on the main thread reads the
+process's JSON-lines progress, Cancel ends the whole process tree, and the run folder, which the engine writes
+file by file atomically, can be resumed. Applying the trained U-Net and computing a case's prediction run on a
+worker thread (a `CLISCLib.jobs.ThreadJob`). The run folder's layout is the engine's
+(`clisc.cohort.run_folder.RunFolder`). Everything the GUI does works from the console::
 
     import CLISCTrain
     logic = CLISCTrain.CLISCTrainLogic()
@@ -11,48 +13,34 @@ Everything the GUI does works from the console::
     volumeNode, segmentationNode = logic.loadCase("/data/run1", "pat0001", "pseudo_label")
     segmentationNode = logic.apply("/data/run1", someVolumeNode)
 
-Like CLISCSegment, the engine is imported only inside functions (importing this file installs nothing; the first Start
-installs the missing Python packages, as CLISCSegment does), and there is no ``from __future__ import annotations``
-(the parameter node wrapper reads the annotations as types).
+What this module shares with CLISCSegment is in CLISCLib. The engine is imported only inside functions (importing
+this file installs nothing; the first Start installs the missing Python packages), and there is no
+``from __future__ import annotations`` (the parameter node wrapper reads the annotations as types).
 """
-import importlib.util
 import json
 import logging
 import os
-import queue
 import re
-import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
-import qt
 import slicer
-import vtk
 from slicer import vtkMRMLScalarVolumeNode
 from slicer.parameterNodeWrapper import Choice, parameterNodeWrapper
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleLogic,
     ScriptedLoadableModuleTest,
-    ScriptedLoadableModuleWidget,
 )
-from slicer.util import VTKObservationMixin
 
-from CLISCSegment import (
-    CLISCSegmentLogic,
-    ensurePackages,
-    runWithProgressDialog,
-    showUnsupportedSlicer,
-    unsupportedSlicerMessage,
-)
+from CLISCLib import mrml
+from CLISCLib.dependencies import ensurePackages, requireSupportedSlicer
+from CLISCLib.jobs import Progress, ProcessJob, ThreadJob, engineEnvironment, pythonExecutable
+from CLISCLib.progress import runWithProgressDialog, showProgress
+from CLISCLib.widget import ModuleWidget
 
 CASE_PATH_ATTRIBUTE = "CLISC.CasePath"  # on volume nodes loadCase made: the cohort file they were read from
-RESULTS = {"pseudo_label": ("pseudo_labels", "pseudo-label"), "prediction": ("predictions", "prediction")}
+SCENE_COHORT_FOLDER = "cohort"  # in the output folder: where a cohort of scene volumes is written (not the engine's)
 
 
 #
@@ -65,7 +53,7 @@ class CLISCTrain(ScriptedLoadableModule):
         ScriptedLoadableModule.__init__(self, parent)
         self.parent.title = "CLISC Train"
         self.parent.categories = ["Segmentation"]
-        self.parent.dependencies = ["CLISCSegment"]
+        self.parent.dependencies = []
         self.parent.contributors = ["CLISC developers (SlicerCLISC project)"]
         self.parent.helpText = (
             "Train a 3D segmentation model on a whole cohort without annotations (CLISC): CLIP labels the slices, "
@@ -97,218 +85,69 @@ class CLISCTrainParameterNode:
 
 
 #
-# EngineProcess
-#
-
-
-class EngineProcess:
-    """A ``clisc`` command in a background process of its own process group (session).
-
-    Two reader threads turn its stdout (JSON lines) and stderr (log lines) into a queue; the main thread calls
-    `poll` to take what arrived (a Qt timer in the GUI, a loop in `CLISCTrainLogic.run` with ``wait=True``).
-    No thread touches MRML.
-    """
-
-    def __init__(self, command: list, env: Optional[dict] = None) -> None:
-        self.command = command
-        self.events = []        # every JSON object the process printed, in order
-        self.log = []           # its other output lines (stderr: the engine's log)
-        self.summary = None     # the final {"stage": "finished", ...} event
-        self._queue = queue.Queue()
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        encoding="utf-8", errors="replace", bufsize=1, env=env,
-                                        **_ownProcessGroup())
-        self._readers = [threading.Thread(target=self._read, args=(stream,), daemon=True)
-                         for stream in (self.process.stdout, self.process.stderr)]
-        for reader in self._readers:
-            reader.start()
-
-    def _read(self, stream) -> None:
-        for line in stream:
-            self._queue.put(line.rstrip("\n"))
-        stream.close()
-
-    def poll(self) -> list:
-        """The lines that arrived since the last call, as (kind, value): ("event", dict) or ("log", str)."""
-        arrived = []
-        while True:
-            try:
-                line = self._queue.get_nowait()
-            except queue.Empty:
-                return arrived
-            try:
-                event = json.loads(line)
-            except ValueError:
-                event = None
-            if isinstance(event, dict):
-                self.events.append(event)
-                if event.get("stage") == "finished":
-                    self.summary = event
-                arrived.append(("event", event))
-            elif line.strip():
-                self.log.append(line)
-                arrived.append(("log", line))
-
-    @property
-    def finished(self) -> bool:
-        """True once the process has ended and its output has been read to the end (call `poll` once more)."""
-        return self.process.poll() is not None and not any(reader.is_alive() for reader in self._readers)
-
-    @property
-    def returncode(self) -> Optional[int]:
-        return self.process.poll()
-
-    def errorMessage(self) -> str:
-        """What the engine said went wrong (its "clisc: error: ..." line, else the end of its log)."""
-        errors = [line for line in self.log if line.startswith("clisc: ")]
-        return errors[-1][len("clisc: "):] if errors else "\n".join(self.log[-20:])
-
-    def cancel(self, grace: float = 5.0) -> None:
-        """End the process and every process it started: SIGTERM to the group, SIGKILL after ``grace``
-        seconds (Windows: ``taskkill /T /F``). The engine writes every file atomically, so what is left in the
-        run folder is whole files only; resuming the run continues from them."""
-        if self.process.poll() is not None:
-            return
-        if os.name == "nt":
-            subprocess.run(["taskkill", "/T", "/F", "/PID", str(self.process.pid)], capture_output=True)
-        else:
-            _signalGroup(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(grace)
-            except subprocess.TimeoutExpired:
-                pass
-            _signalGroup(self.process.pid, signal.SIGKILL)  # also children that outlived the leader
-        self.process.wait()
-
-
-def _ownProcessGroup() -> dict:
-    """Popen arguments that put the child in a new process group, so that cancel reaches its children too
-    (and, on Windows, open no console window)."""
-    if os.name == "nt":
-        return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
-    return {"start_new_session": True}
-
-
-def _signalGroup(groupId: int, signalNumber: int) -> None:
-    try:
-        os.killpg(groupId, signalNumber)
-    except ProcessLookupError:
-        pass
-
-
-#
 # CLISCTrainWidget
 #
 
 
-class CLISCTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class CLISCTrainWidget(ModuleWidget):
+    """The module panel: cohort, prompt and training settings, Start / Resume (Cancel while training), the review of
+    a run's cases and applying its model."""
+
     def __init__(self, parent=None) -> None:
-        ScriptedLoadableModuleWidget.__init__(self, parent)
-        VTKObservationMixin.__init__(self)
-        self.logic = None
-        self._parameterNode = None
-        self._parameterNodeGuiTag = None
-        self._process = None      # the running EngineProcess
-        self._cancelRequested = False
-        self._timer = qt.QTimer()
-        self._timer.setInterval(300)
-        self._timer.connect("timeout()", self._pollProcess)
+        ModuleWidget.__init__(self, parent, pollIntervalMs=300)  # the watcher's job is the training process
 
     def setup(self) -> None:
-        ScriptedLoadableModuleWidget.setup(self)
-        if showUnsupportedSlicer(self.layout):
+        if not self.setupPanel("UI/CLISCTrain.ui"):
             return
-        uiWidget = slicer.util.loadUI(self.resourcePath("UI/CLISCTrain.ui"))
-        self.layout.addWidget(uiWidget)
-        self.ui = slicer.util.childWidgetVariables(uiWidget)
-        uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = CLISCTrainLogic()
-
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
-        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.ui.startButton.connect("clicked(bool)", self.onStartButton)
         self.ui.loadPseudoLabelButton.connect("clicked(bool)", lambda: self.onLoadCase("pseudo_label"))
         self.ui.loadPredictionButton.connect("clicked(bool)", lambda: self.onLoadCase("prediction"))
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
         for pathEdit in (self.ui.cohortPath, self.ui.outputPath, self.ui.runPath):
-            pathEdit.connect("currentPathChanged(QString)", self._updateGui)
+            pathEdit.connect("currentPathChanged(QString)", self.updateGui)
         self.ui.runPath.connect("currentPathChanged(QString)", self._listCases)
         for radio in (self.ui.cohortFromFilesRadio, self.ui.cohortFromSceneRadio):
-            radio.connect("toggled(bool)", self._updateGui)
-        self.ui.cohortVolumes.connect("checkedNodesChanged()", self._updateGui)
+            radio.connect("toggled(bool)", self.updateGui)
+        self.ui.cohortVolumes.connect("checkedNodesChanged()", self.updateGui)
         self.ui.progressBar.hide()
-        self.initializeParameterNode()
+        self.initializeParameterNode()  # closing the scene leaves the training process running: it uses files only
 
-    def cleanup(self) -> None:
-        if self._process:
-            self._process.cancel()
-            self._process = None
-        self._timer.stop()
-        self.removeObservers()
+    def updateGui(self, caller=None, event=None) -> None:
+        from clisc.cohort.run_folder import RunFolder
 
-    def enter(self) -> None:
-        if self.logic:  # None in a Slicer too old for CLISC
-            self.initializeParameterNode()
-
-    def exit(self) -> None:
-        self.setParameterNode(None)
-
-    def onSceneStartClose(self, caller, event) -> None:
-        self.setParameterNode(None)  # the training process does not use the scene: it keeps running
-
-    def onSceneEndClose(self, caller, event) -> None:
-        if self.parent.isEntered:
-            self.initializeParameterNode()
-
-    def initializeParameterNode(self) -> None:
-        self.setParameterNode(self.logic.getParameterNode())
-
-    def setParameterNode(self, inputParameterNode: Optional[CLISCTrainParameterNode]) -> None:
-        if self._parameterNode:
-            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
-            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
-        self._parameterNode = inputParameterNode
-        if self._parameterNode:
-            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
-            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGui)
-            self._updateGui()
-
-    def _updateGui(self, *unused) -> None:
         parameters = self._parameterNode
         if parameters is None:
             return
         fromScene = self.ui.cohortFromSceneRadio.checked
         self.ui.cohortPath.enabled = not fromScene
         self.ui.cohortVolumes.enabled = fromScene
-        if not self._process:
+        if not self.watcher.running:
             cohortChosen = bool(self.ui.cohortVolumes.checkedNodes() if fromScene else self.ui.cohortPath.currentPath)
             output = self.ui.outputPath.currentPath
             ready = cohortChosen and bool(parameters.prompt.strip()) and bool(output)
-            resuming = bool(output) and self.logic.isRun(output)
+            resuming = bool(output) and RunFolder(output).is_run()
             self.ui.startButton.text = "Resume" if resuming else "Start"
             self.ui.startButton.enabled = ready
             self.ui.startButton.toolTip = (
                 ("Continue the run in the output folder" if resuming else "Start the cohort run") if ready
                 else "Choose a cohort, type the target prompt and choose an output folder")
         runDir = self.ui.runPath.currentPath
-        finished = bool(runDir) and self.logic.isFinishedRun(runDir)
+        finished = bool(runDir) and RunFolder(runDir).is_finished()
         hasCase = self.ui.caseComboBox.count > 0
         self.ui.loadPseudoLabelButton.enabled = hasCase
         self.ui.loadPredictionButton.enabled = hasCase and finished
         self.ui.applyButton.enabled = finished and parameters.applyVolume is not None
 
-    def log(self, message: str) -> None:
-        self.ui.statusLog.appendPlainText(message)
-        logging.info(message)
-
     # -- Start / Resume / Cancel
 
     def onStartButton(self) -> None:
-        if self._process:
+        from clisc.cohort.run_folder import RunFolder
+
+        if self.watcher.running:
             self.log("Cancelling: ending the engine process...")
-            self._cancelRequested = True
             with slicer.util.WaitCursor():
-                self._process.cancel()
+                self.watcher.cancel()
             return
         with slicer.util.tryWithErrorDisplay("CLISC could not start the cohort run.", waitCursor=True):
             if not ensurePackages(self.log):
@@ -326,9 +165,8 @@ class CLISCTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 options["labels"] = self.ui.labelsPath.currentPath
             if parameters.sam.strip():
                 options["sam"] = parameters.sam.strip()
-            resume = self.logic.isRun(outputDir)
-            self._process = self.logic.run(cohort, parameters.prompt, outputDir, resume=resume, **options)
-            self._cancelRequested = False
+            resume = RunFolder(outputDir).is_run()
+            self.watcher.watch(self.logic.run(cohort, parameters.prompt, outputDir, resume=resume, **options))
             self.ui.outputPath.addCurrentPathToHistory()
             self.log(f"{'Resuming' if resume else 'Started'} the run in {outputDir}")
             self._setRunning(True)
@@ -338,89 +176,71 @@ class CLISCTrainWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.setVisible(running)
         self.ui.progressBar.value = 0
         self.ui.stageLabel.text = ""
-        if running:
-            self._timer.start()
+        self.updateGui()
+
+    def onJobUpdate(self, update) -> None:
+        if isinstance(update, Progress):
+            showProgress(self.ui.progressBar, update, self.ui.stageLabel)
         else:
-            self._timer.stop()
-        self._updateGui()
+            self.ui.statusLog.appendPlainText(update)  # the engine's log line (the run folder's run.log keeps it)
 
-    def _pollProcess(self) -> None:
-        process = self._process
-        for kind, value in process.poll():
-            if kind == "log":
-                self.ui.statusLog.appendPlainText(value)
-            elif value.get("stage") != "finished":
-                self._showProgress(value)
-        if not process.finished:
-            return
-        process.poll()
-        self._process = None
-        outputDir = self.ui.outputPath.currentPath
-        if process.summary is not None:
-            from clisc.cohort.run import summary_lines
+    def onJobFinished(self, job) -> None:
+        if job.error is None:
+            from clisc.cohort.evaluation import summary_lines
 
-            self.log("Finished: " + "\n".join(summary_lines(process.summary)))
-            self.ui.runPath.currentPath = outputDir
+            self.log("Finished: " + "\n".join(summary_lines(job.result)))
+            self.ui.runPath.currentPath = self.ui.outputPath.currentPath
             self._listCases()  # the path may not have changed, the cases have
-        elif self._cancelRequested:
+        elif job.cancelled:
             self.log("Cancelled. What was finished is kept: press Resume to continue.")
         else:
-            self.log(f"Failed: {process.errorMessage()}")
-            slicer.util.errorDisplay(f"The CLISC cohort run failed: {process.errorMessage()}")
+            self.log(f"Failed: {job.error}")
+            slicer.util.errorDisplay(f"The CLISC cohort run failed: {job.error}")
         self._setRunning(False)
-
-    def _showProgress(self, event: dict) -> None:
-        done, total = event.get("done") or 0, event.get("total") or 0
-        self.ui.progressBar.value = int(100 * done / total) if total else 0
-        self.ui.progressBar.setFormat(f"{event['stage']} {done}/{total}")
-        details = [f"case {event['case']}" if event.get("case") else None,
-                   f"epoch {event['epoch']}" if event.get("epoch") is not None else None,
-                   f"loss {event['loss']:.4f}" if event.get("loss") is not None else None]
-        self.ui.stageLabel.text = ", ".join(detail for detail in details if detail)
 
     # -- review
 
     def _listCases(self, *unused) -> None:
+        from clisc.cohort.run_folder import RunFolder
+
         self.ui.caseComboBox.clear()
         runDir = self.ui.runPath.currentPath
-        if runDir and self.logic.isRun(runDir):
+        if runDir and RunFolder(runDir).is_run():
             for caseId in self.logic.caseIds(runDir):
                 self.ui.caseComboBox.addItem(caseId)
-        self._updateGui()
+        self.updateGui()
 
-    def onLoadCase(self, result: str) -> None:
+    def onLoadCase(self, kind: str) -> None:
         caseId = self.ui.caseComboBox.currentText
-        loaded = self._withProgress(f"Could not load the {RESULTS[result][1]}.", f"Loading {caseId}...",
-                                    lambda progress, cancel: self.logic.loadCase(
-                                        self.ui.runPath.currentPath, caseId, result, self._parameterNode.device,
-                                        progress, cancel))
+        title = self.logic.resultTitle(kind)
+        loaded = self._runWithProgressDialog(
+            f"Could not load the {title}.", f"Loading {caseId}...",
+            lambda: self.logic.startLoadingCase(self.ui.runPath.currentPath, caseId, kind, self._parameterNode.device))
         if loaded:
             volumeNode, segmentationNode = loaded
             slicer.util.setSliceViewerLayers(background=volumeNode, fit=True)
-            self.log(f"Loaded the {RESULTS[result][1]} of {caseId}: {segmentationNode.GetName()}")
+            self.log(f"Loaded the {title} of {caseId}: {segmentationNode.GetName()}")
 
     # -- apply
 
     def onApplyButton(self) -> None:
         volumeNode = self._parameterNode.applyVolume
-        segmentationNode = self._withProgress(
+        segmentationNode = self._runWithProgressDialog(
             "Could not apply the trained model.", f"Segmenting {volumeNode.GetName()}...",
-            lambda progress, cancel: self.logic.apply(self.ui.runPath.currentPath, volumeNode,
-                                                      self._parameterNode.device, progress=progress, cancel=cancel))
+            lambda: self.logic.startApplying(self.ui.runPath.currentPath, volumeNode, self._parameterNode.device))
         if segmentationNode:
             self.log(f"Applied the trained model to {volumeNode.GetName()}: {segmentationNode.GetName()}")
 
-    def _withProgress(self, failure: str, label: str, work):
-        """``work(progress, cancel)`` behind a progress dialog; its result, or None when cancelled or failed
-        (a failure is shown)."""
+    def _runWithProgressDialog(self, failure: str, label: str, startJob):
+        """Start a job (``startJob()``) and wait for it behind a progress dialog with a Cancel button; its result,
+        or None when cancelled or failed (a failure is shown)."""
         from clisc.errors import Cancelled
 
         with slicer.util.tryWithErrorDisplay(failure):
             if not ensurePackages(self.log):
                 return None
             try:
-                return runWithProgressDialog("CLISC", label, lambda stage, done, total: f"{label} {done}/{total}",
-                                             work)
+                return runWithProgressDialog(startJob(), "CLISC", label)
             except Cancelled:
                 self.log("Cancelled: nothing was added to the scene.")
         return None
@@ -441,9 +261,7 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
 
     def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        unsupported = unsupportedSlicerMessage()
-        if unsupported:
-            raise RuntimeError(unsupported)
+        requireSupportedSlicer()
         self.engineCommand = [pythonExecutable(), "-m", "clisc"]
 
     def getParameterNode(self):
@@ -460,31 +278,28 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
             prompt: the target, e.g. "brain tumor".
             outputDir: the run folder (created). With ``resume``, an interrupted run there continues.
             wait: block until the run ends (processing Slicer's events meanwhile) and return its summary;
-                otherwise return the running `EngineProcess` at once.
-            options: `clisc.cohort.run.CohortOptions` fields, e.g. ``unet_epochs=100, device="cuda",
+                otherwise return the running `CLISCLib.jobs.ProcessJob` at once.
+            options: `clisc.cohort.options.CohortOptions` fields, e.g. ``unet_epochs=100, device="cuda",
                 stop_after="pseudo_labels", labels="/data/labels"``; ``classifier_weights=None`` for random.
 
         Returns:
-            The `EngineProcess`, or with ``wait`` the run's summary (dict).
+            The started `ProcessJob` (its `result` is the summary once finished), or with ``wait`` the summary.
 
         Raises:
-            ValueError: an unknown option. RuntimeError (with ``wait``): the run failed or was cancelled; the
-            message is the engine's.
+            ValueError: an unknown option. With ``wait``: RuntimeError with the engine's message when the run
+            failed, `clisc.errors.Cancelled` when it was cancelled.
         """
         outputDir = Path(outputDir)
         if not isinstance(cohort, (str, os.PathLike)):
-            if not resume or not (outputDir / "cohort").is_dir():
-                cohort = self.writeCohort(cohort, outputDir / "cohort")
-            else:
-                cohort = outputDir / "cohort"
-        process = EngineProcess(self.commandLine(cohort, prompt, outputDir, resume, options), engineEnvironment())
-        if not wait:
-            return process
-        return self.wait(process)
+            sceneCohort = outputDir / SCENE_COHORT_FOLDER
+            cohort = sceneCohort if resume and sceneCohort.is_dir() else self.writeCohort(cohort, sceneCohort)
+        job = ProcessJob(self.commandLine(cohort, prompt, outputDir, resume, options), engineEnvironment())
+        job.start()
+        return self.wait(job) if wait else job
 
     def commandLine(self, cohort, prompt, outputDir, resume=False, options=None) -> list:
         """The engine's command line for a run (``clisc train ... --json-progress``)."""
-        from clisc.cohort.run import CohortOptions
+        from clisc.cohort.options import CohortOptions
 
         fields = CohortOptions.__dataclass_fields__
         unknown = sorted(set(options or {}) - set(fields))
@@ -500,20 +315,13 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
         return command + (["--resume"] if resume else [])
 
     @staticmethod
-    def wait(process: EngineProcess) -> dict:
-        """Wait for ``process`` to end, logging its output and processing Slicer's events; its summary."""
-        application = getattr(slicer, "app", None)
-        while not process.finished:
-            for kind, value in process.poll():
-                logging.info(value if kind == "log" else json.dumps(value))
-            if application is not None:
-                application.processEvents()
-            time.sleep(0.2)
-        process.poll()
-        if process.summary is None:
-            reason = "cancelled" if process.returncode < 0 else process.errorMessage()
-            raise RuntimeError(f"the CLISC cohort run did not finish: {reason}")
-        return {key: value for key, value in process.summary.items() if key != "stage"}
+    def wait(job: ProcessJob) -> dict:
+        """Wait for a run started without ``wait`` to end, logging its output and progress and processing Slicer's
+        events meanwhile; its summary (errors as `run` with ``wait``)."""
+        def logProgress(stage, done, total, message="", **fields) -> None:
+            logging.info(json.dumps({"stage": stage, **fields, "done": done, "total": total}))
+
+        return job.wait(progress=logProgress, log=logging.info)
 
     @staticmethod
     def writeCohort(volumeNodes, folder) -> Path:
@@ -532,100 +340,105 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
             while name in taken:
                 name, number = f"{base}_{number}", number + 1
             taken.add(name)
-            write_volume(folder / f"{name}.nii.gz", CLISCSegmentLogic.volumeFromNode(node))
+            write_volume(folder / f"{name}.nii.gz", mrml.volumeFromNode(node))
         return folder
-
-    # -- run folders
-
-    @staticmethod
-    def isRun(runDir) -> bool:
-        return (Path(runDir) / "config.json").is_file()
-
-    @staticmethod
-    def isFinishedRun(runDir) -> bool:
-        return (Path(runDir) / "config.json").is_file() and (Path(runDir) / "unet" / "final.pt").is_file()
-
-    @staticmethod
-    def cases(runDir) -> dict:
-        """{case id: input file or folder} of a run's cohort, as the engine lists it."""
-        from clisc.cohort.cases import list_cohort
-
-        config = json.loads((Path(runDir) / "config.json").read_text())
-        return {case.case_id: case.path for case in list_cohort(config["cohort"])}
-
-    def caseIds(self, runDir) -> list:
-        """The cases of a run that have a pseudo-label."""
-        return [caseId for caseId in self.cases(runDir)
-                if (Path(runDir) / "pseudo_labels" / f"{caseId}.nii.gz").is_file()]
 
     # -- review and apply
 
+    @staticmethod
+    def resultTitle(kind: str) -> str:
+        """A kind of case result (`clisc.cohort.run_folder.RESULTS`) in words: "pseudo_label" -> "pseudo-label"."""
+        return kind.replace("_", "-")
+
+    @staticmethod
+    def caseIds(runDir) -> list:
+        """The cases of a run that have a pseudo-label."""
+        from clisc.cohort.run_folder import RunFolder
+
+        run = RunFolder(runDir)
+        return [caseId for caseId in run.cases() if run.result(caseId, "pseudo_label").is_file()]
+
     def loadCase(self, runDir, caseId, result="pseudo_label", device="auto", progress=None, cancel=None):
-        """Load a case's input volume (once; later calls reuse its node) and its pseudo-label or prediction as
-        a segmentation node over it. A prediction not in the run folder (the engine writes them only when
-        evaluating against labels) is computed with the run's final model (``progress``, ``cancel`` as in
-        `apply`). Returns (volume, segmentation)."""
+        """Load a case's input volume (once; later calls reuse its node) and its pseudo-label or prediction
+        (``result``: a kind of `clisc.cohort.run_folder.RESULTS`) as a segmentation node over it; returns
+        (volume node, segmentation node). Blocks until done; see `startLoadingCase`. ``progress`` (called on this
+        thread as ``progress(stage, done, total, message, **fields)``) and ``cancel`` (a
+        `clisc.progress.CancelToken`) are for a computed prediction."""
+        return self.startLoadingCase(runDir, caseId, result, device, cancel).wait(progress=progress)
+
+    def startLoadingCase(self, runDir, caseId, result="pseudo_label", device="auto", cancel=None) -> ThreadJob:
+        """Start loading a case's result (see `loadCase`) on a worker thread: the case volume is read unless a node
+        holds it already, and the result is the labelmap the run wrote, or, for a prediction not in the run folder
+        (the engine writes them for held-out cases and with labels), computed with the run's final U-Net. The
+        job's finish step (main thread) adds the nodes; its result is (volume node, segmentation node)."""
+        from clisc.cohort.run_folder import RunFolder
         from clisc.readers import read_volume
         from clisc.result import SegmentResult
 
-        if result not in RESULTS:
-            raise ValueError(f"result {result!r}: use one of {', '.join(RESULTS)}")
-        runDir = Path(runDir)
-        casePath = self.cases(runDir).get(caseId)
+        run = RunFolder(runDir)
+        resultFile = run.result(caseId, result)
+        casePath = run.cases().get(caseId)
         if casePath is None:
-            raise ValueError(f"{runDir}: no case {caseId!r} in its cohort")
-        volumeNode = self._caseVolumeNode(casePath, caseId)
-        prompt = json.loads((runDir / "config.json").read_text())["prompt"]
-        folder, title = RESULTS[result]
-        labelFile = runDir / folder / f"{caseId}.nii.gz"
-        if labelFile.is_file():
-            labelmap = read_volume(labelFile).array
-            if labelmap.shape != slicer.util.arrayFromVolume(volumeNode).shape:
-                raise ValueError(f"{labelFile}: its grid {labelmap.shape} is not the case volume's")
-            segmented = SegmentResult([labelmap > 0], [prompt], [], {})
-        elif result == "prediction":
-            segmented = CLISCSegmentLogic().run(CLISCSegmentLogic.volumeFromNode(volumeNode), None, device=device,
-                                                progress=progress, cancel=cancel, trainedRun=runDir)
-        else:
-            raise ValueError(f"{runDir}: case {caseId} has no pseudo-label yet")
-        segmentationNode = CLISCSegmentLogic().addSegments(volumeNode, segmented)
-        segmentationNode.SetName(slicer.mrmlScene.GenerateUniqueName(f"{caseId} {title}"))
-        return volumeNode, segmentationNode
+            raise ValueError(f"{run.path}: no case {caseId!r} in its cohort")
+        if result != "prediction" and not resultFile.is_file():
+            raise ValueError(f"{run.path}: case {caseId} has no {self.resultTitle(result)} yet")
+        prompt = run.config()["prompt"]
+        volumeNode = self._caseVolumeNode(casePath)
+        loadedVolume = mrml.volumeFromNode(volumeNode) if volumeNode else None
+
+        def work(progress, cancel):  # worker thread: files and inference, no MRML
+            volume = loadedVolume or read_volume(casePath)
+            if not resultFile.is_file():
+                from clisc.cohort.apply import apply_run
+
+                return volume, apply_run(run.path, volume, device, progress=progress, cancel=cancel)
+            labelmap = read_volume(resultFile).array
+            if labelmap.shape != volume.array.shape:
+                raise ValueError(f"{resultFile}: its grid {labelmap.shape} is not the case volume's")
+            return volume, SegmentResult([labelmap > 0], [prompt], [], {})
+
+        def finish(output):  # main thread
+            volume, segmented = output
+            node = volumeNode if volumeNode and slicer.mrmlScene.IsNodePresent(volumeNode) else None
+            if node is None:
+                node = mrml.addVolumeNode(volume, caseId)
+                node.SetAttribute(CASE_PATH_ATTRIBUTE, str(casePath))
+            segmentationNode = mrml.addSegments(node, segmented)
+            segmentationNode.SetName(slicer.mrmlScene.GenerateUniqueName(f"{caseId} {self.resultTitle(result)}"))
+            return node, segmentationNode
+
+        job = ThreadJob(work, finish, token=cancel)
+        job.start()
+        return job
 
     @staticmethod
-    def _caseVolumeNode(casePath, caseId):
+    def _caseVolumeNode(casePath):
+        """The volume node `loadCase` made for a cohort file, or None."""
         for node in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode"):
             if node.GetAttribute(CASE_PATH_ATTRIBUTE) == str(casePath):
                 return node
-        from clisc.readers import read_volume
-
-        volume = read_volume(casePath)
-        node = slicer.util.addVolumeFromArray(volume.array, volume.ijk_to_ras, caseId)
-        node.SetAttribute(CASE_PATH_ATTRIBUTE, str(casePath))
-        return node
+        return None
 
     def apply(self, runDir, volumeNode, device="auto", segmentationNode=None, progress=None, cancel=None):
         """Segment ``volumeNode`` with a finished run's U-Net; returns the segmentation node (one segment named
-        after the run's prompt, added to ``segmentationNode`` if given)."""
-        return CLISCSegmentLogic().segment(volumeNode, None, device=device, trainedRun=runDir,
-                                           segmentationNode=segmentationNode, progress=progress, cancel=cancel)
+        after the run's prompt, added to ``segmentationNode`` if given). Blocks until done (the U-Net runs on a
+        worker thread); ``progress`` and ``cancel`` as in `loadCase`."""
+        return self.startApplying(runDir, volumeNode, device, segmentationNode, cancel).wait(progress=progress)
 
+    def startApplying(self, runDir, volumeNode, device="auto", segmentationNode=None, cancel=None) -> ThreadJob:
+        """Copy the volume out of MRML and start the run's U-Net on it on a worker thread (see `apply`); the
+        job's finish step (main thread) adds the segment, its result is the segmentation node."""
+        volume = mrml.volumeFromNode(volumeNode)
 
-def pythonExecutable() -> str:
-    """Slicer's Python interpreter (PythonSlicer, on Slicer's PATH), or this Python outside Slicer."""
-    return shutil.which("PythonSlicer") or sys.executable
+        def work(progress, cancel):
+            from clisc.cohort.apply import apply_run
 
+            return apply_run(runDir, volume, device, progress=progress, cancel=cancel)
 
-def engineEnvironment() -> dict:
-    """This process's environment, with the folder holding the ``clisc`` package first on PYTHONPATH (Slicer
-    finds it among its module paths, which a child Python does not know)."""
-    spec = importlib.util.find_spec("clisc")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the CLISC engine (Python package clisc) is not installed")
-    root = str(Path(list(spec.submodule_search_locations)[0]).parent)
-    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONIOENCODING="utf-8")
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    return env
+        job = ThreadJob(work, lambda segmented: mrml.addSegments(volumeNode, segmented, segmentationNode),
+                        token=cancel)
+        job.start()
+        return job
 
 
 #
@@ -650,6 +463,7 @@ class CLISCTrainTest(ScriptedLoadableModuleTest):
         import tempfile
 
         import numpy as np
+        from clisc.cohort.run_folder import RunFolder
         from clisc.models.random_weights import TINY_CLIP_CONFIG, save_random_clip, save_random_sam
 
         with tempfile.TemporaryDirectory() as folder:
@@ -671,7 +485,7 @@ class CLISCTrainTest(ScriptedLoadableModuleTest):
                                 classifier_weights=None, classifier_epochs=1, classifier_image_size=32,
                                 unet_epochs=1, patch_size=32, s3f_rounds=0, device="cpu")
             self.assertEqual(summary["loaded"], 2)
-            self.assertTrue(logic.isFinishedRun(folder / "run"))
+            self.assertTrue(RunFolder(folder / "run").is_finished())
 
             self.delayDisplay("Loading the results")
             self.assertEqual(logic.caseIds(folder / "run"), ["case_0", "case_1"])

@@ -17,14 +17,55 @@ def shared_data(relative: str) -> Path:
     return path
 
 
+def save_abnormal_classifier(path: Path) -> Path:
+    """A random ResNet-50 slice classifier (a classifier checkpoint, head included) whose head is biased towards
+    "abnormal": trained for an epoch or two it still calls every slice abnormal, so the cohort's real gate
+    (probability > 0.5) passes the slices on to LayerCAM, AMDA and SAM. A plain random classifier passes
+    almost none, which leaves SAM and the U-Net nothing to learn."""
+    import torch
+
+    from clisc.cohort.classifier import build_classifier
+
+    model = build_classifier(seed=0)
+    with torch.no_grad():
+        model.fc[-1].bias.copy_(torch.tensor([-4.0, 4.0]))
+    torch.save(model.state_dict(), path)
+    return path
+
+
 def slicer_module(name: str):
-    """Our Slicer module file ``name`` on headless MRML (see slicer_stubs), or skip when slicer-core is absent."""
+    """Our Slicer module file ``name`` ("CLISCSegment"), or a module of the CLISCLib package they share
+    ("CLISCLib.jobs"), on headless MRML (see slicer_stubs); skips when slicer-core is absent."""
     slicer = pytest.importorskip("slicer")
     if not hasattr(slicer, "vtkMRMLScene"):
         pytest.skip("slicer-core (the MRML layer) is not installed; `pip install slicer-core vtk==9.6.2`")
     import slicer_stubs
 
     return slicer_stubs.import_module(name)
+
+
+@pytest.fixture(scope="module")
+def jobs():
+    """CLISCLib.jobs: the background jobs both Slicer modules run the engine in."""
+    return slicer_module("CLISCLib.jobs")
+
+
+@pytest.fixture(scope="module")
+def mrml():
+    """CLISCLib.mrml: the MRML adapter both Slicer modules read volumes and write results with."""
+    return slicer_module("CLISCLib.mrml")
+
+
+@pytest.fixture(scope="module")
+def dependencies():
+    """CLISCLib.dependencies: the first-run package installation both Slicer modules go through."""
+    return slicer_module("CLISCLib.dependencies")
+
+
+@pytest.fixture(scope="module")
+def terminology():
+    """CLISCLib.terminology: the terminology table of the segments."""
+    return slicer_module("CLISCLib.terminology")
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ has no ``slicer.ScriptedLoadableModule``, no ``slicer.parameterNodeWrapper``, no
 run on real MRML. Widgets are not built here: that needs real Slicer (the module's self-test covers it).
 `start_mrml` registers the Colors, Volumes, Segmentations and SubjectHierarchy logics on an application logic
 and sets ``slicer.mrmlScene`` and ``slicer.modules.<name>.logic()``, which ``slicer.util``'s volume and
-segmentation helpers use. `import_module` does both and imports one of our module files.
+segmentation helpers use. `import_module` does both and imports one of our module files (or CLISCLib, the
+package both import).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import slicer
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("CLISCSegment", "CLISCTrain")  # the scripted modules of the extension, each in its own folder
+LIBRARY = "CLISCLib"  # the package both modules import, installed beside them
 
 
 class ScriptedLoadableModule:
@@ -113,11 +115,12 @@ def start_mrml():
 
 
 def import_module(name: str):
-    """Our scripted module file ``name`` (e.g. "CLISCTrain"), imported with the stand-ins on a started MRML
-    application. Every module folder is put on ``sys.path``, as Slicer does, so modules can import each other."""
+    """Our scripted module file ``name`` (e.g. "CLISCTrain", or "CLISCLib.jobs"), imported with the stand-ins on a
+    started MRML application. Every module folder, and the folder holding CLISCLib, is put on ``sys.path``, as
+    Slicer puts its scripted modules and their lib folder there."""
     install()
     start_mrml()
-    for module in MODULES:
-        if str(ROOT / module) not in sys.path:
-            sys.path.append(str(ROOT / module))
+    for folder in [ROOT / module for module in MODULES] + [ROOT]:
+        if str(folder) not in sys.path:
+            sys.path.append(str(folder))
     return importlib.import_module(name)

@@ -186,6 +186,6 @@ def test_ctrl_c_in_train_says_what_is_kept_and_how_to_resume(tmp_path, monkeypat
 
 
 def test_the_fast_preset_help_says_what_it_does():
-    run = subprocess.run([sys.executable, "-m", "clisc", "segment", "--help"], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "clisc", "segment", "--help"], capture_output=True, encoding="utf-8")
     assert "the same M2IB saliency" in " ".join(run.stdout.split())
     assert "cheaper saliency" not in run.stdout

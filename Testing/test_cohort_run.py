@@ -2,15 +2,16 @@
 
 The cohort: three BraTS 2015 FLAIR volumes cut to the 40 axial slices around the tumours and downsampled
 (6 × 6 in-plane, 4 axially: 10 × 40 × 40 voxels of 6 × 6 × 4 mm), an unreadable file and an all-zero volume.
-Models: a tiny open_clip CLIP of the real classes, saved and loaded through the real loader; a small SAM of
-the real `segment_anything` classes (256-pixel input) in place of `load_sam`; a random ResNet-50.
+Models, all of the real architectures, saved and loaded through the real loaders: a tiny open_clip CLIP; a
+random LiteMedSAM checkpoint (--sam FILE); a random ResNet-50 slice classifier whose head is biased towards
+"abnormal" (--classifier-weights FILE, `conftest.save_abnormal_classifier`), so that the real gate passes the
+slices on to LayerCAM, AMDA and SAM (a plain random classifier passed 2 of 10 slices per case here, with empty
+CAM masks).
 
-What random weights can show: every stage runs on real arrays, writes its outputs where the run directory
+What random weights can show: every stage runs on real arrays, writes its outputs where the run folder
 says, aligned with the inputs; a killed run resumes to the very same results; bad cases are skipped and
 reported; evaluation reads the labels; a held-out case (--holdout-split) takes part in no stage
-and is scored apart. What they cannot show: accuracy. A random classifier calls no slice
-abnormal, which would leave CAMs, AMDA and SAM with nothing to do, so `classify` is replaced by one that
-calls every slice abnormal (LayerCAM, AMDA, thresholds and SAM then run for real).
+and is scored apart. What they cannot show: accuracy.
 """
 from __future__ import annotations
 
@@ -22,27 +23,28 @@ import re
 import numpy as np
 import pytest
 import torch
-from conftest import shared_data
-from tiny_engine import every_slice_abnormal
+from conftest import save_abnormal_classifier, shared_data
 
 from clisc.cli import main
-from clisc.cohort import classifier
-from clisc.cohort.cases import body_mask
-from clisc.cohort.run import CohortOptions, run_cohort
+from clisc.cohort.classifier import build_classifier, classify
+from clisc.cohort.case_store import open_case
+from clisc.cohort.cases import Case, body_mask
+from clisc.cohort.options import CohortOptions
+from clisc.cohort.run import run_cohort
+from clisc.cohort.run_folder import RunFolder
 from clisc.errors import Cancelled, InputError
 from clisc.metrics import dice
-from clisc.models import loaders
-from clisc.models.random_weights import TINY_CLIP_CONFIG, save_random_clip, tiny_sam
+from clisc.models.random_weights import TINY_CLIP_CONFIG, save_random_clip, save_random_sam
 from clisc.progress import CancelToken
 from clisc.readers import read_volume
 from clisc.volume import Volume
 from clisc.writers import write_volume
 
 CASES = ("pat0001", "pat0002", "pat0003")
-OPTIONS = dict(clip_threshold=0.5, classifier_weights=None, classifier_epochs=1, classifier_image_size=32,
+OPTIONS = dict(clip_threshold=0.5, classifier_epochs=1, classifier_image_size=32,
                classifier_batch_size=64, unet_epochs=2, patch_size=32, batch_size=2, s3f_rounds=1, s3f_keep=0.67,
                device="cpu", seed=0)
-CLI_OPTIONS = ["--clip-threshold", "0.5", "--classifier-weights", "none", "--classifier-epochs", "1",
+CLI_OPTIONS = ["--clip-threshold", "0.5", "--classifier-epochs", "1",
                "--classifier-image-size", "32", "--classifier-batch-size", "64", "--unet-epochs", "2",
                "--patch-size", "32", "--batch-size", "2", "--s3f-rounds", "1", "--s3f-keep", "0.67",
                "--device", "cpu", "--seed", "0"]
@@ -69,27 +71,28 @@ def cohort(tmp_path_factory):
     write_volume(root / "images" / "zeros.nii.gz", Volume(np.zeros((5, 8, 8), np.float32), np.eye(4)))
     (root / "labels.csv").write_text("case_id,label\n" + "".join(f"{c},labels/{c}.nii.gz\n" for c in CASES))
     save_random_clip(root / "clip", TINY_CLIP_CONFIG, seed=0)
-    (root / "sam.pth").write_bytes(b"")  # a path for --sam; load_sam is replaced by tiny_sam(image_size=256)
+    save_random_sam(root / "sam.pth", "litemedsam")
+    save_abnormal_classifier(root / "classifier.pt")
     return root
 
 
-@pytest.fixture(scope="module")
-def patched():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(classifier, "classify", every_slice_abnormal)
-        patch.setattr(loaders, "load_sam", lambda spec, device="cpu": tiny_sam(image_size=256))
-        yield
+def model_options(cohort) -> dict:
+    return dict(clip=str(cohort / "clip"), sam=str(cohort / "sam.pth"), classifier_weights=str(cohort / "classifier.pt"))
+
+
+def model_arguments(cohort) -> list:
+    return [f"--{key.replace('_', '-')}={value}" for key, value in model_options(cohort).items()]
 
 
 @pytest.fixture(scope="module")
-def cli_run(cohort, patched, tmp_path_factory):
+def cli_run(cohort, tmp_path_factory):
     """`clisc train ... --json-progress`, uninterrupted: (run dir, exit code, stdout lines)."""
     run_dir = tmp_path_factory.mktemp("runs") / "cli"
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = main(["train", str(cohort / "images"), "--prompt", "brain tumor", "--out", str(run_dir),
-                     "--clip", str(cohort / "clip"), "--sam", str(cohort / "sam.pth"),
-                     "--labels", str(cohort / "labels.csv"), "--json-progress", *CLI_OPTIONS])
+                     *model_arguments(cohort), "--labels", str(cohort / "labels.csv"), "--json-progress",
+                     *CLI_OPTIONS])
     return run_dir, code, stdout.getvalue().splitlines()
 
 
@@ -116,6 +119,13 @@ def test_train_writes_every_stage_output(cli_run, cohort):
         assert outside_crop.any()
         assert not pseudo.array[outside_crop].any()
     assert any(read_volume(run_dir / "pseudo_labels" / f"{c}.nii.gz").array.any() for c in CASES)
+    # the gate is the trained classifier's own decision (a run's classifier.pt is a classifier checkpoint)
+    trained, folder = build_classifier(run_dir / "classifier" / "classifier.pt"), RunFolder(run_dir)
+    for case in CASES:
+        stored = open_case(Case(case, cohort / "images" / f"{case}.nii.gz"), folder.preprocessed(case))
+        gate = classify(trained, stored.slices(), image_size=OPTIONS["classifier_image_size"]) > 0.5
+        assert gate.any()
+        np.testing.assert_array_equal(np.load(folder.cams(case, amda=False))["positive"], gate)
     for round_ in (0, 1):
         assert torch.load(run_dir / "unet" / f"round{round_}" / "last.pt", weights_only=True)["epoch"] == 2
     assert (run_dir / "unet" / "final.pt").is_file()
@@ -179,14 +189,13 @@ def test_apply_segments_a_volume_aligned_with_it(cli_run, cohort, tmp_path):
                                   read_volume(run_dir / "predictions" / "pat0001.nii.gz").array > 0)
 
 
-def test_resume_after_interruptions_gives_the_same_results(cli_run, cohort, patched, tmp_path):
+def test_resume_after_interruptions_gives_the_same_results(cli_run, cohort, tmp_path):
     """Killed (cancelled) after the first case's pseudo-label, resumed and killed again during the first U-Net
     epoch, then resumed to the end: finished steps and cases are not redone, training continues at epoch 2,
     and every result equals the uninterrupted run's, bit for bit."""
     reference, _, _ = cli_run
     run_dir = tmp_path / "run"
-    options = CohortOptions(clip=str(cohort / "clip"), sam=str(cohort / "sam.pth"),
-                            labels=str(cohort / "labels.csv"), **OPTIONS)
+    options = CohortOptions(**model_options(cohort), labels=str(cohort / "labels.csv"), **OPTIONS)
 
     def run_until(stage: str, done: int, events: list) -> None:
         cancel = CancelToken()
@@ -235,7 +244,7 @@ def test_resume_after_interruptions_gives_the_same_results(cli_run, cohort, patc
 
 
 @pytest.fixture(scope="module")
-def holdout_run(cohort, patched, tmp_path_factory):
+def holdout_run(cohort, tmp_path_factory):
     """`clisc train ... --holdout-split test.csv --json-progress`, pat0003 held out: (run dir, the split file,
     exit code, the JSON events)."""
     folder = tmp_path_factory.mktemp("holdout")
@@ -244,9 +253,8 @@ def holdout_run(cohort, patched, tmp_path_factory):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         code = main(["train", str(cohort / "images"), "--prompt", "brain tumor", "--out", str(folder / "run"),
-                     "--clip", str(cohort / "clip"), "--sam", str(cohort / "sam.pth"),
-                     "--labels", str(cohort / "labels.csv"), "--holdout-split", str(split), "--json-progress",
-                     *CLI_OPTIONS])
+                     *model_arguments(cohort), "--labels", str(cohort / "labels.csv"), "--holdout-split",
+                     str(split), "--json-progress", *CLI_OPTIONS])
     return folder / "run", split, code, [json.loads(line) for line in stdout.getvalue().splitlines()]
 
 
@@ -309,8 +317,7 @@ def test_bad_holdout_splits_are_refused_before_any_work(cohort, tmp_path, text, 
     split = tmp_path / "test.txt"
     if text is not None:
         split.write_text(text)
-    options = CohortOptions(clip=str(cohort / "clip"), sam=str(cohort / "sam.pth"), holdout_split=str(split),
-                            **OPTIONS)
+    options = CohortOptions(**model_options(cohort), holdout_split=str(split), **OPTIONS)
     with pytest.raises(InputError, match=re.escape(f"--holdout-split {split}") + ".*" + re.escape(message)):
         run_cohort(cohort / "images", "brain tumor", tmp_path / "run", options)
     assert not (tmp_path / "run" / "config.json").exists()
@@ -323,13 +330,12 @@ def test_the_command_line_refuses_a_bad_holdout_split(cohort, tmp_path, capsys):
     assert f"--holdout-split {tmp_path / 'test.csv'}: lists no case id" in capsys.readouterr().err
 
 
-def test_resume_keeps_the_holdout_split(holdout_run, cohort, patched, tmp_path, capsys):
+def test_resume_keeps_the_holdout_split(holdout_run, cohort, tmp_path, capsys):
     """--resume refuses another holdout file, or the same file listing other cases; with the same one it
     finishes at once and prints each cohort's scores; without --labels, the held-out predictions unscored."""
     run_dir, split, _, _ = holdout_run
-    command = ["train", str(cohort / "images"), "--prompt", "brain tumor", "--out", str(run_dir), "--clip",
-               str(cohort / "clip"), "--sam", str(cohort / "sam.pth"), "--labels", str(cohort / "labels.csv"),
-               "--resume", *CLI_OPTIONS]
+    command = ["train", str(cohort / "images"), "--prompt", "brain tumor", "--out", str(run_dir),
+               *model_arguments(cohort), "--labels", str(cohort / "labels.csv"), "--resume", *CLI_OPTIONS]
     other = tmp_path / "other.txt"
     other.write_text("pat0002\n")
     assert main([*command, "--holdout-split", str(other)]) == 2

@@ -48,7 +48,8 @@ def test_resumed_training_repeats_the_uninterrupted_run(uninterrupted, tmp_path)
     _, reference_model, reference_losses = uninterrupted
     cancel = CancelToken()
 
-    def stop_after_two(stage, done, total, message=""):
+    def stop_after_two(stage, done, total, message="", **fields):
+        assert fields["epoch"] == done and fields["loss"] == pytest.approx(float(message.split()[-1]), abs=1e-4)
         if done == 2:
             cancel.cancel()
 
@@ -61,8 +62,18 @@ def test_resumed_training_repeats_the_uninterrupted_run(uninterrupted, tmp_path)
     epochs_run = []
     model, losses = train_unet(synthetic_cases(), EPOCHS, patch_size=32, batch_size=2, seed=3,
                                checkpoint_dir=tmp_path, resume=True,
-                               progress=lambda stage, done, total, message="": epochs_run.append(done))
+                               progress=lambda stage, done, total, message="", **fields: epochs_run.append(done))
     assert epochs_run == [3, 4, 5]
+    assert losses == reference_losses
+    for name, value in reference_model.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
+
+
+def test_patches_cut_by_loader_workers_train_the_same_weights(uninterrupted, tmp_path):
+    """Two DataLoader worker processes cut the patches: each patch is a function of (seed, epoch, position),
+    so the losses and weights are those of patches cut in the training process."""
+    _, reference_model, reference_losses = uninterrupted
+    model, losses = train_unet(synthetic_cases(), EPOCHS, patch_size=32, batch_size=2, seed=3, loader_workers=2)
     assert losses == reference_losses
     for name, value in reference_model.state_dict().items():
         assert torch.equal(value, model.state_dict()[name]), name

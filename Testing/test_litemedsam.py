@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 
 from clisc.cli import main
+from clisc.components import largest_components
 from clisc.errors import InputError
 from clisc.models import cache
 from clisc.models.catalogue import get_entry
 from clisc.models.loaders import load_sam
 from clisc.models.random_weights import TINY_CLIP_CONFIG, save_random_clip
-from clisc.prompts import SamPrompt, largest_components
+from clisc.prompts import SamPrompt
 from clisc.torchvision_compat import import_torchvision
 from conftest import shared_data
 
@@ -72,11 +73,11 @@ def litemedsam(tmp_path_factory):
 def brats():
     import SimpleITK as sitk
 
-    from clisc.zeroshot import to_uint8
+    from clisc.zeroshot import percentile_window_uint8
 
     flair = sitk.GetArrayFromImage(sitk.ReadImage(str(shared_data("brats2015/pat0001/flair.nii.gz"))))
     label = sitk.GetArrayFromImage(sitk.ReadImage(str(shared_data("brats2015/pat0001/label.nii.gz")))) > 0
-    return to_uint8(flair), label
+    return percentile_window_uint8(flair), label
 
 
 def test_litemedsam_installs_from_its_package_with_the_published_hash(clisc_home, capsys):
@@ -189,7 +190,7 @@ def test_clisc_segment_gives_the_masks_the_wrapper_gives(litemedsam, tmp_path, c
     import SimpleITK as sitk
     import slicerio
 
-    from clisc.zeroshot import to_uint8
+    from clisc.zeroshot import percentile_window_uint8
 
     image = sitk.ReadImage(str(shared_data("brats2015/pat0001/flair.nii.gz")))[30:210, 30:210, 70:73]
     source, output, report = tmp_path / "crop.nii.gz", tmp_path / "out.seg.nrrd", tmp_path / "run.json"
@@ -202,7 +203,7 @@ def test_clisc_segment_gives_the_masks_the_wrapper_gives(litemedsam, tmp_path, c
     facts = json.loads(report.read_text())
     prompts = facts["sam_prompts"]["brain tumor"]
     assert prompts, "the random CLIP gave SAM no prompt at all"
-    slices = to_uint8(sitk.GetArrayFromImage(image))
+    slices = percentile_window_uint8(sitk.GetArrayFromImage(image))
     embeddings = litemedsam.embed(np.stack([rgb(s) for s in slices]))
     replayed = np.zeros_like(written)
     for index, prompt in prompts.items():

@@ -2,8 +2,8 @@
 zero-shot pipeline (K components, a box per component, β, the 3D component rule), with the report saying which
 profile was used, why, and which flags replaced its settings.
 
-The pipeline tests use an oracle saliency (the target's blurred mask) and a SAM that fills its box (see
-test_zeroshot), on a real BraTS volume with a second, planted lesion: they show which components each rule
+The pipeline tests give the pipeline an oracle saliency (the target's blurred mask) and a SAM that fills its box
+(see test_zeroshot), on a real BraTS volume with a second, planted lesion: they show which components each rule
 keeps, not how well a real saliency finds them.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import shared_data
-from test_zeroshot import OracleSegmenter, tiny_models  # noqa: F401 - the fixture
+from test_zeroshot import oracle_segmenter, tiny_models  # noqa: F401 - the fixture
 
 from clisc.errors import InputError
 from clisc.profiles import PROFILES, choose_profile, with_overrides
@@ -87,12 +87,12 @@ def components(mask: np.ndarray) -> list:
     return sorted(np.bincount(labels.ravel())[1:].tolist(), reverse=True)
 
 
-def test_tumor_keeps_one_lesion_and_lesion_keeps_both(tiny_models, two_lesions):  # noqa: F811
+def test_tumor_keeps_one_lesion_and_lesion_keeps_both(two_lesions):
     volume, truth, cube = two_lesions
     results = {}
     for profile in ("tumor", "lesion"):
         options = preset_options("fast", slices="all", profile=profile)
-        results[profile] = OracleSegmenter(options, tiny_models, truth, blur=1).segment(volume, ["lesion"])
+        results[profile] = oracle_segmenter(options, volume, truth, blur=1).segment(volume, ["lesion"])
     assert len(components(results["tumor"].masks[0])) == 1
     kept = results["lesion"].masks[0]
     assert len(components(kept)) == 2 and kept[cube].all()
@@ -100,21 +100,21 @@ def test_tumor_keeps_one_lesion_and_lesion_keeps_both(tiny_models, two_lesions):
     assert report["profile"] == "lesion" and report["why"] == "chosen" and report["overridden_by_flags"] == {}
     # a size rule above the planted cube's 216 mm³ drops it
     options = preset_options("fast", slices="all", profile="lesion", keep_3d="300")
-    large_only = OracleSegmenter(options, tiny_models, truth, blur=1).segment(volume, ["lesion"])
+    large_only = oracle_segmenter(options, volume, truth, blur=1).segment(volume, ["lesion"])
     assert len(components(large_only.masks[0])) == 1 and not large_only.masks[0][cube].any()
     assert large_only.report["profiles"]["lesion"]["overridden_by_flags"] == {
         "keep_3d": {"profile": PROFILES["lesion"].keep_3d, "given": "300"}}
 
 
-def test_a_paired_organ_gets_a_box_per_component(tiny_models, two_lesions):  # noqa: F811
+def test_a_paired_organ_gets_a_box_per_component(two_lesions):
     """Both blobs on the same slices: K = 2 with a box each keeps both; the organ profile keeps one."""
     volume, truth, cube = two_lesions
-    both = OracleSegmenter(preset_options("fast", slices="all"), tiny_models, truth, blur=1).segment(
+    both = oracle_segmenter(preset_options("fast", slices="all"), volume, truth, blur=1).segment(
         volume, ["kidneys"])
     assert both.report["profiles"]["kidneys"]["profile"] == "paired-organ"
     boxes = [len(p["boxes"]) for p in both.report["sam_prompts"]["kidneys"].values()]
     assert max(boxes) == 2 and len(components(both.masks[0])) == 2
-    one = OracleSegmenter(preset_options("fast", slices="all"), tiny_models, truth, blur=1).segment(
+    one = oracle_segmenter(preset_options("fast", slices="all"), volume, truth, blur=1).segment(
         volume, ["left kidney"])
     assert one.report["profiles"]["left kidney"]["profile"] == "organ" and len(components(one.masks[0])) == 1
 

@@ -1,9 +1,11 @@
-"""Saliency → coarse mask → SAM prompts."""
+"""Saliency → coarse mask → SAM prompts, and the connected-component rules they and the 3D step use."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from clisc.components import components_of_at_least, keep_components, largest_components
+from clisc.profiles import PROMPT_TYPES
 from clisc.prompts import coarse_mask, sam_prompt
 
 
@@ -79,3 +81,29 @@ def test_unknown_options_are_refused():
         sam_prompt(np.ones((4, 4), bool), "circle")
     with pytest.raises(ValueError, match="coarse-mask method"):
         coarse_mask(blob_map(), "crf")
+
+
+def test_every_profile_prompt_type_makes_a_prompt():
+    mask = np.zeros((20, 20), bool)
+    mask[5:10, 5:10] = True
+    assert all(sam_prompt(mask, prompt_type) is not None for prompt_type in PROMPT_TYPES)
+
+
+def test_components_are_fully_connected_and_kept_by_size():
+    """Two blobs touching only at a corner are one component (8 / 26 neighbours); the rules keep by size."""
+    mask = np.zeros((10, 10), bool)
+    mask[0:2, 0:2] = mask[2, 2] = True  # 5 pixels, corner-connected
+    mask[5:9, 5:9] = True               # 16 pixels
+    mask[0, 9] = True                   # 1 pixel
+    assert largest_components(mask, 1).sum() == 16
+    assert largest_components(mask, 2).sum() == 21
+    assert np.array_equal(largest_components(mask, 5), mask)
+    assert components_of_at_least(mask, 5).sum() == 21
+    assert keep_components(mask, lambda sizes: sizes * 3 >= sizes.max()).sum() == 16
+    volume = np.zeros((3, 3, 3), bool)
+    volume[0, 0, 0] = volume[1, 1, 1] = True
+    assert largest_components(volume, 1).sum() == 2
+    empty = np.zeros((4, 4), bool)
+    for kept in (largest_components(empty, 1), components_of_at_least(empty, 1),
+                 keep_components(empty, lambda sizes: sizes >= sizes.max())):
+        assert kept.dtype == bool and not kept.any()

@@ -32,6 +32,7 @@ from open_clip.transformer import ResidualAttentionBlock  # noqa: E402
 from clisc.errors import InputError  # noqa: E402
 from clisc.precision import prepared  # noqa: E402
 from clisc.saliency import (  # noqa: E402
+    ClipSaliency,
     compute_saliency,
     gradcam_saliency,
     gscorecam_saliency,
@@ -342,3 +343,18 @@ class _ModelWithCnnTower(nn.Module):
     def __init__(self):
         super().__init__()
         self.visual = nn.Conv2d(3, 8, 3)
+
+
+def test_clip_saliency_is_the_named_method_with_its_settings_and_beta_for_m2ib_only():
+    """The pipeline's bound method gives what a direct call gives: M2IB with the call's β (seeded the same
+    way), GradCAM without one (it takes no β: a direct call with one would fail)."""
+    model, x, text = tiny_clip(), images(1), text_for(tiny_clip())
+    bound = ClipSaliency("m2ib", model, FAST_M2IB)
+    for beta in (1.0, 2.0):
+        torch.manual_seed(5)
+        direct = m2ib_saliency(model, x, text, beta=beta, **FAST_M2IB)
+        torch.manual_seed(5)
+        assert torch.equal(bound(x, text, beta), direct)
+    assert torch.equal(ClipSaliency("gradcam", model)(x, text, 2.0), gradcam_saliency(model, x, text))
+    with pytest.raises(InputError, match="unknown saliency method"):
+        ClipSaliency("lime", model)(x, text, 1.0)

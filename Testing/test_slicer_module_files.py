@@ -1,9 +1,12 @@
-"""The files of both Slicer modules and of the extension, checked as text: the widget itself needs real Slicer (Qt), so
-what can be checked here is that every widget the code uses is in the .ui, that every parameter-node field is bound
-to a widget of a matching kind, that the CMake lists install every Python file and resource, that the extension's
-metadata passes the Slicer Extensions Index checks, and that importing a module file installs nothing."""
+"""The files of both Slicer modules, of the CLISCLib package they share, and of the extension, checked as text: the
+widget itself needs real Slicer (Qt), so what can be checked here is that every widget the code uses is in the .ui,
+that every parameter-node field is bound to a widget of a matching kind, that a module file holds only its module's
+classes and leaves what both share to CLISCLib, that the CMake lists install every Python file and resource, that
+the extension's metadata passes the Slicer Extensions Index checks, and that importing a module file or CLISCLib
+installs nothing."""
 from __future__ import annotations
 
+import ast
 import importlib
 import json
 import os
@@ -23,6 +26,8 @@ from conftest import slicer_module
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("CLISCSegment", "CLISCTrain")
+LIBRARY = "CLISCLib"
+LIBRARY_MODULES = [LIBRARY] + sorted(f"{LIBRARY}.{p.stem}" for p in (ROOT / LIBRARY).glob("*.py") if p.stem != "__init__")
 # The value type the parameter node wrapper binds to each widget class used with SlicerParameterName.
 WIDGET_VALUE_TYPES = {"QLineEdit": str, "QCheckBox": bool, "QComboBox": str, "QSpinBox": int}
 
@@ -36,6 +41,8 @@ def test_every_ui_widget_the_code_uses_exists_and_parameters_match_the_ui(name):
     widgets = {w.get("name"): w for w in tree.iter("widget")}
     used = set(re.findall(r"self\.ui\.(\w+)", (ROOT / name / f"{name}.py").read_text(encoding="utf-8")))
     assert used and used <= set(widgets), f"not in the .ui: {sorted(used - set(widgets))}"
+    shared = set(re.findall(r"self\.ui\.(\w+)", (ROOT / LIBRARY / "widget.py").read_text(encoding="utf-8")))
+    assert shared and shared <= set(widgets), f"CLISCLib's widget uses, not in the .ui: {sorted(shared - set(widgets))}"
 
     bound = {}  # parameter name -> widget
     for widget in widgets.values():
@@ -152,6 +159,55 @@ def test_licence_file_is_the_apache_2_licence_the_readme_names():
     assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text(encoding="utf-8")
 
 
+def test_cmake_lists_install_every_library_file_and_resource():
+    folder = ROOT / LIBRARY
+    scripts = cmake_list(folder / "CMakeLists.txt", "CLISCLIB_PYTHON_SCRIPTS")
+    assert set(scripts) == {str(p.relative_to(folder)) for p in folder.rglob("*.py") if "__pycache__" not in p.parts}
+    resources = cmake_list(folder / "CMakeLists.txt", "CLISCLIB_PYTHON_RESOURCES")
+    assert set(resources) == {str(p.relative_to(folder)) for p in (folder / "Resources").rglob("*") if p.is_file()}
+    text = (folder / "CMakeLists.txt").read_text(encoding="utf-8")
+    for destination in ("DESTINATION_DIR ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}/CLISCLib",
+                        "INSTALL_DIR ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}/CLISCLib"):
+        assert destination in text  # beside the modules, on Slicer's Python path
+    top = (ROOT / "CMakeLists.txt").read_text(encoding="utf-8")
+    assert top.index(f"add_subdirectory({LIBRARY})") < min(top.index(f"add_subdirectory({name})") for name in MODULES)
+
+
+def module_tree(name: str) -> ast.Module:
+    return ast.parse((ROOT / name / f"{name}.py").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_a_module_file_holds_only_its_modules_classes(name):
+    """The Slicer template's shape: Module, Widget, Logic, Test and the parameter node; shared code is CLISCLib's."""
+    definitions = [node for node in module_tree(name).body
+                   if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    assert sorted(node.name for node in definitions) == sorted(
+        name + part for part in ("", "ParameterNode", "Widget", "Logic", "Test"))
+    assert all(isinstance(node, ast.ClassDef) for node in definitions)
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_modules_share_code_through_the_library_not_each_other(name):
+    imported = set()
+    for node in ast.walk(module_tree(name)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert LIBRARY in imported and not imported & set(MODULES)
+
+
+def test_clisctrain_leaves_the_run_folder_layout_to_the_engine():
+    """Only clisc.cohort.run_folder spells a run folder's paths; CLISCTrain asks it."""
+    text = (ROOT / "CLISCTrain" / "CLISCTrain.py").read_text(encoding="utf-8")
+    for name in ("config.json", "final.pt", "summary.json", "metrics.json"):
+        assert name not in text
+    for folder in ("unet", "pseudo_labels", "predictions", "done", "skipped", "cams", "s3f"):
+        assert not re.search(rf"/\s*[\"']{folder}[/\"']", text), folder  # a path joined with the folder's name
+    assert "RunFolder(" in text
+
+
 @pytest.mark.parametrize("name", MODULES)
 def test_modules_build_with_slicers_generic_tests(name):
     text = (ROOT / name / "CMakeLists.txt").read_text(encoding="utf-8")
@@ -159,11 +215,11 @@ def test_modules_build_with_slicers_generic_tests(name):
     assert "WITH_GENERIC_TESTS" in build.split()
 
 
-def test_importing_the_module_files_installs_and_downloads_nothing(monkeypatch):
+def test_importing_the_module_files_and_the_library_installs_and_downloads_nothing(monkeypatch):
     import slicer
 
-    for name in MODULES:
-        slicer_module(name)  # stand-ins and MRML first; both imported once, so both are restored afterwards
+    for name in MODULES + tuple(LIBRARY_MODULES):
+        slicer_module(name)  # stand-ins and MRML first; all imported once, so all are restored afterwards
     attempts = []
 
     def refuse(what):
@@ -181,8 +237,12 @@ def test_importing_the_module_files_installs_and_downloads_nothing(monkeypatch):
                         types.SimpleNamespace(pip_ensure=refuse("pip_ensure"), pip_install=refuse("pip_install")))
     monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(
         PyTorchUtilsLogic=lambda: types.SimpleNamespace(installTorch=refuse("PyTorchUtils.installTorch"))))
-    for name in MODULES:
+    for name in MODULES + tuple(LIBRARY_MODULES):
         monkeypatch.delitem(sys.modules, name)
     for name in MODULES:
         assert importlib.import_module(name).__file__ == str(ROOT / name / f"{name}.py")
+    for name in LIBRARY_MODULES:  # each on its own too, not only what the module files happen to import
+        monkeypatch.delitem(sys.modules, name, raising=False)
+        path = ROOT / Path(*name.split(".")) if "." in name else ROOT / name / "__init__.py"
+        assert importlib.import_module(name).__file__ == str(path.with_suffix(".py") if "." in name else path)
     assert attempts == []

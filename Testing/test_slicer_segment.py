@@ -5,11 +5,14 @@ show the adapter's mechanics: the segments written into MRML hold, voxel for vox
 for the same array (whatever the IJK→RAS), with the right names, colours, tags, terminology, hierarchy and
 reference geometry; existing segments are kept; a cancelled run leaves the scene as it was. They cannot show that
 the prompts find anything (that needs pretrained weights). The widget needs real Slicer; the module file's .ui
-and CMake lists are checked as text in test_slicer_module_files.py, and the in-Slicer self-test runs here.
+and CMake lists are checked as text in test_slicer_module_files.py, and the in-Slicer self-test runs here. What the
+module takes from CLISCLib (the MRML adapter, package installation) is tested here through the module; the job
+abstraction and the terminology table on their own in test_slicer_lib.py.
 """
 from __future__ import annotations
 
 import sys
+import threading
 import tomllib
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +27,7 @@ from clisc.errors import Cancelled
 from clisc.models.catalogue import get_entry
 from clisc.models.loaders import load_clip
 from clisc.models.random_weights import TINY_CLIP_CONFIG, save_random_clip, tiny_sam
+from clisc.progress import CancelToken
 from clisc.readers import read_volume
 from clisc.volume import Volume
 from clisc.result import SegmentResult
@@ -143,7 +147,7 @@ def test_segments_match_the_engine_on_an_oblique_flipped_synthetic_volume(module
     check_matches_engine(module, synthetic_array(), oblique_ijk_to_ras(flip=(1, -1, -1)), ["tumor"], tiny_models)
 
 
-def test_names_colours_tags_terminology_hierarchy_and_saliency(module, scene, tiny_models):
+def test_names_colours_tags_terminology_hierarchy_and_saliency(module, mrml, scene, tiny_models):
     import slicer
 
     array, ijk_to_ras = synthetic_array(), oblique_ijk_to_ras()
@@ -158,7 +162,7 @@ def test_names_colours_tags_terminology_hierarchy_and_saliency(module, scene, ti
 
     found = segments(segmentationNode)  # the engine segments a prompt given twice once
     assert [s.GetName() for s in found] == ["left lung", "brain tumor", "banana"]
-    assert [tag(s, module.PROMPT_TAG) for s in found] == prompts[:3]
+    assert [tag(s, mrml.PROMPT_TAG) for s in found] == prompts[:3]
     assert len({tuple(np.round(s.GetColor(), 3)) for s in found}) == 3
     terminology = [tag(s, slicer.vtkSegment.GetTerminologyEntryTagName()) for s in found]
     assert "SCT^39607008^Lung~SCT^7771000^Left" in terminology[0]
@@ -166,16 +170,17 @@ def test_names_colours_tags_terminology_hierarchy_and_saliency(module, scene, ti
     assert "123037004" not in terminology[2] and "49755003" not in terminology[2]  # Slicer's default entry
     assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(segmentationNode)) == study
 
-    saliency = [segmentationNode.GetNthNodeReference(module.SALIENCY_REFERENCE, n) for n in range(len(found))]
+    assert segmentationNode.GetNumberOfNodeReferences(mrml.SALIENCY_REFERENCE) == len(found)
+    saliency = [segmentationNode.GetNthNodeReference(mrml.SALIENCY_REFERENCE, n) for n in range(len(found))]
     expected = engine_result(Volume(array, ijk_to_ras), prompts, tiny_models).saliency
     for node, reference, segment in zip(saliency, expected, found):
         assert node.GetName() == f"{segment.GetName()} saliency"
         assert np.allclose(slicer.util.arrayFromVolume(node), reference)
-        assert np.allclose(module.CLISCSegmentLogic.volumeFromNode(node).ijk_to_ras, ijk_to_ras)
+        assert np.allclose(mrml.volumeFromNode(node).ijk_to_ras, ijk_to_ras)
         assert hierarchy.GetItemParent(hierarchy.GetItemByDataNode(node)) == study
 
 
-def test_adding_to_an_existing_segmentation_keeps_its_segments(module, scene, tiny_models):
+def test_adding_to_an_existing_segmentation_keeps_its_segments(module, mrml, scene, tiny_models):
     import slicer
 
     array = synthetic_array()
@@ -196,21 +201,22 @@ def test_adding_to_an_existing_segmentation_keeps_its_segments(module, scene, ti
     found = segments(existing)
     assert [s.GetName() for s in found] == ["tumor", "tumor 2"]
     assert np.allclose(found[0].GetColor(), (0.1, 0.2, 0.3))
-    assert tag(found[0], module.PROMPT_TAG) is None  # the prompt tag is only on what CLISC made
+    assert tag(found[0], mrml.PROMPT_TAG) is None  # the prompt tag is only on what CLISC made
+    assert tag(found[1], mrml.PROMPT_TAG) == "tumor"
     masks = segment_masks(existing, volumeNode)
     assert np.array_equal(masks[0], manual > 0)
     expected = engine_result(Volume(array, np.diag([0.8, 0.8, 3.0, 1.0])), ["tumor"], tiny_models).masks
     assert np.array_equal(masks[1], expected[0])
 
 
-def test_a_failed_write_removes_what_it_added(module, scene, monkeypatch):
+def test_a_failed_write_removes_what_it_added(mrml, scene, monkeypatch):
     import slicer
 
     array = synthetic_array()
     volumeNode = add_volume(array, np.eye(4))
     masks = [array > 50, array > 60]
     result = SegmentResult(masks, ["a", "b"], [np.zeros(array.shape, np.float32)] * 2, {})
-    existing = module.CLISCSegmentLogic().addSegments(volumeNode, SegmentResult(masks[:1], ["kept"], [], {}))
+    existing = mrml.addSegments(volumeNode, SegmentResult(masks[:1], ["kept"], [], {}))
     write = slicer.util.updateSegmentBinaryLabelmapFromArray
     calls = []
 
@@ -223,37 +229,46 @@ def test_a_failed_write_removes_what_it_added(module, scene, monkeypatch):
     monkeypatch.setattr(slicer.util, "updateSegmentBinaryLabelmapFromArray", fail_second)
     nodes = data_nodes(scene)
     with pytest.raises(RuntimeError, match="disk full"):
-        module.CLISCSegmentLogic().addSegments(volumeNode, result, showSaliency=True)
+        mrml.addSegments(volumeNode, result, showSaliency=True)
     assert data_nodes(scene) == nodes  # the new segmentation and saliency volume are gone
     calls.clear()
     with pytest.raises(RuntimeError, match="disk full"):
-        module.CLISCSegmentLogic().addSegments(volumeNode, result, existing)
+        mrml.addSegments(volumeNode, result, existing)
     assert [s.GetName() for s in segments(existing)] == ["kept"]
 
 
-def test_worker_job_gives_the_same_result_and_cancel_leaves_the_scene_as_it_was(module, scene, tiny_models):
+def test_segment_runs_the_engine_on_a_worker_thread_and_cancel_leaves_the_scene_as_it_was(module, jobs, mrml, scene,
+                                                                                          tiny_models):
     array = synthetic_array()
     logic = module.CLISCSegmentLogic()
     clip, sam = tiny_models
-    volume = logic.volumeFromNode(add_volume(array, np.eye(4)))
-    job = module.SegmentJob(logic.run, volume=volume, prompts=["tumor"], clip=clip, sam=sam, **RUN)
-    assert not job.finished
-    job.start()
-    job.wait(120)
-    assert job.finished and job.error is None
-    assert np.array_equal(job.result.masks[0], engine_result(volume, ["tumor"], tiny_models).masks[0])
-    assert job.progress[0] == "SAM" and job.progress[1] == job.progress[2]
-
+    volumeNode = add_volume(array, np.eye(4))
     nodes = data_nodes(scene)
-    cancelled = module.SegmentJob(logic.run, volume=volume, prompts=["tumor"], clip=clip, sam=sam, **RUN)
-    cancelled.cancel.cancel()
-    cancelled.start()
-    cancelled.wait(120)
-    assert isinstance(cancelled.error, Cancelled) and cancelled.result is None
+    job = logic.startSegmenting(volumeNode, ["tumor"], clip=clip, sam=sam, **RUN)  # the Segment button's path
+    assert isinstance(job, jobs.ThreadJob)
+    reports = []
+    result = job.wait(120, progress=lambda stage, done, total, message="", **fields: reports.append(
+        (stage, done, total, threading.current_thread() is threading.main_thread())))
+    assert job.finished and job.error is None and result is job.result
+    assert data_nodes(scene) == nodes  # the worker added nothing: the main thread writes the result
+    assert np.array_equal(result.masks[0], engine_result(mrml.volumeFromNode(volumeNode), ["tumor"],
+                                                         tiny_models).masks[0])
+    assert job.progress.stage == "SAM" and job.progress.done == job.progress.total > 0
+    assert reports[-1][:3] == ("SAM", job.progress.done, job.progress.total)
+    assert all(onMainThread for *_, onMainThread in reports)  # progress reaches the caller on its own thread
+
+    cancel = CancelToken()
+    cancel.cancel()
+    cancelled = logic.startSegmenting(volumeNode, ["tumor"], clip=clip, sam=sam, cancel=cancel, **RUN)
+    with pytest.raises(Cancelled):
+        cancelled.wait(120)
+    assert cancelled.cancelled and isinstance(cancelled.error, Cancelled) and cancelled.result is None
+    with pytest.raises(Cancelled):
+        logic.segment(volumeNode, ["tumor"], clip=clip, sam=sam, cancel=cancel, **RUN)
     assert data_nodes(scene) == nodes
 
 
-def test_models_by_path_are_loaded_once_and_missing_weights_are_named(module, tmp_path, clisc_home):
+def test_models_by_path_are_loaded_once_and_missing_weights_are_named(module, dependencies, tmp_path, clisc_home):
     logic = module.CLISCSegmentLogic()
     first = save_random_clip(tmp_path / "a", TINY_CLIP_CONFIG)
     second = save_random_clip(tmp_path / "b", TINY_CLIP_CONFIG, seed=1)
@@ -264,35 +279,35 @@ def test_models_by_path_are_loaded_once_and_missing_weights_are_named(module, tm
 
     assert logic.missingModels() == ["biomedclip", "sam_vit_b"]
     assert logic.missingModels(clip="clip_vit_b16", sam=str(tmp_path)) == ["clip_vit_b16"]
-    assert logic.missingPackages() == []
+    assert dependencies.missingPackages() == []
 
 
-def test_prompt_splitting_and_terminology(module):
-    assert module.splitPrompts(" brain tumor ; ;edema;") == ["brain tumor", "edema"]
-    assert module.terminologyEntry("Left lungs") == (
+def test_prompt_splitting_and_terminology(module, terminology):
+    terminologyEntry = terminology.terminologyEntry
+    assert module.CLISCSegmentLogic.splitPrompts(" brain tumor ; ;edema;") == ["brain tumor", "edema"]
+    assert terminologyEntry("Left lungs") == (
         "Segmentation category and type - 3D Slicer General Anatomy list~SCT^123037004^Anatomical Structure"
         "~SCT^39607008^Lung~SCT^7771000^Left~Anatomic codes - DICOM master list~^^~^^")
-    assert module.terminologyEntry("right kidney tumors") == (
+    assert terminologyEntry("right kidney tumors") == (
         "Segmentation category and type - 3D Slicer General Anatomy list~SCT^49755003^Morphologically Altered "
         "Structure~SCT^4147007^Mass~^^~Anatomic codes - DICOM master list~SCT^64033007^Kidney~SCT^24028007^Right")
-    assert "~SCT^12738006^Brain~^^~" in module.terminologyEntry("left brain")  # no laterality for the brain
-    assert module.terminologyEntry("the thing on the left") is None
+    assert "~SCT^12738006^Brain~^^~" in terminologyEntry("left brain")  # no laterality for the brain
+    assert terminologyEntry("the thing on the left") is None
 
 
-def test_exports_seg_nrrd_labelmap_and_explains_dicom_seg(module, scene, tmp_path):
+def test_exports_seg_nrrd_labelmap_and_explains_dicom_seg(mrml, scene, tmp_path):
     import slicer
     import slicerio
 
     array, ijk_to_ras = synthetic_array(), oblique_ijk_to_ras(flip=(1, 1, -1))
     volumeNode = add_volume(array, ijk_to_ras)
     masks = [array > 50, (array > 20) & (array < 60)]
-    logic = module.CLISCSegmentLogic()
-    segmentationNode = logic.addSegments(volumeNode, SegmentResult(masks, ["liver", "x"], [], {}))
+    segmentationNode = mrml.addSegments(volumeNode, SegmentResult(masks, ["liver", "x"], [], {}))
 
-    logic.exportSegmentation(segmentationNode, tmp_path / "out.seg.nrrd")
+    mrml.exportSegmentation(segmentationNode, tmp_path / "out.seg.nrrd")
     saved = slicerio.read_segmentation(str(tmp_path / "out.seg.nrrd"), skip_voxels=True)
     assert [s["name"] for s in saved["segments"]] == ["liver", "x"]
-    assert saved["segments"][0]["tags"][module.PROMPT_TAG] == "liver"
+    assert saved["segments"][0]["tags"][mrml.PROMPT_TAG] == "liver"
     assert saved["segments"][0]["terminology"]["type"] == ["SCT", "10200004", "Liver"]
     loaded = scene.AddNewNodeByClass("vtkMRMLSegmentationNode")
     storage = slicer.vtkMRMLSegmentationStorageNode()
@@ -300,14 +315,14 @@ def test_exports_seg_nrrd_labelmap_and_explains_dicom_seg(module, scene, tmp_pat
     assert storage.ReadData(loaded)
     assert all(np.array_equal(a, b) for a, b in zip(segment_masks(loaded, volumeNode), masks))
 
-    logic.exportLabelmap(segmentationNode, volumeNode, tmp_path / "labels.nii.gz")
+    mrml.exportLabelmap(segmentationNode, volumeNode, tmp_path / "labels.nii.gz")
     labels = read_volume(tmp_path / "labels.nii.gz")
     assert np.allclose(labels.ijk_to_ras, ijk_to_ras, atol=1e-4)
     assert np.array_equal(labels.array == 1, masks[0] & ~masks[1])
     assert np.array_equal(labels.array == 2, masks[1])
 
     with pytest.raises(RuntimeError, match="QuantitativeReporting"):
-        logic.exportDicomSeg(segmentationNode, tmp_path)
+        mrml.exportDicomSeg(segmentationNode, tmp_path)
 
 
 def test_in_slicer_self_test_runs_on_headless_mrml(module, scene):
@@ -321,113 +336,111 @@ def requirement_name(text: str) -> str:
     return canonicalize_name(Requirement(text).name)
 
 
-def versions(module, **changes) -> dict:
+def versions(dependencies, **changes) -> dict:
     """An installed-version table (canonical name -> version) satisfying every requirement, with ``changes``
     (None: not installed)."""
-    table = {requirement_name(text): "999" for text in module.REQUIREMENTS + module.TORCH_REQUIREMENTS}
+    table = {requirement_name(text): "999" for text in dependencies.REQUIREMENTS + dependencies.TORCH_REQUIREMENTS}
     table.update({canonicalize_name(name): version for name, version in changes.items()})
     return {name: version for name, version in table.items() if version is not None}
 
 
-def test_requirements_are_pyprojects_dependencies_with_torch_apart(module):
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+def test_requirements_are_pyprojects_dependencies_with_torch_apart(dependencies):
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     torch = {"torch", "torchvision"}
-    normal = {str(Requirement(text)) for text in dependencies}
-    assert {str(Requirement(text)) for text in module.REQUIREMENTS} == {
+    normal = {str(Requirement(text)) for text in pyproject}
+    assert {str(Requirement(text)) for text in dependencies.REQUIREMENTS} == {
         text for text in normal if requirement_name(text) not in torch}
-    assert {str(Requirement(text)) for text in module.TORCH_REQUIREMENTS} == {
+    assert {str(Requirement(text)) for text in dependencies.TORCH_REQUIREMENTS} == {
         text for text in normal if requirement_name(text) in torch}
-    assert len(module.REQUIREMENTS) + len(module.TORCH_REQUIREMENTS) == len(dependencies)
+    assert len(dependencies.REQUIREMENTS) + len(dependencies.TORCH_REQUIREMENTS) == len(pyproject)
 
 
-def test_unmet_requirements_are_decided_by_installed_versions(module, monkeypatch):
-    assert module.unmetRequirements(["monai>=1.3", "Pillow>=9", "open-clip-torch>=2.23", "tqdm"],
+def test_unmet_requirements_are_decided_by_installed_versions(dependencies, monkeypatch):
+    assert dependencies.unmetRequirements(["monai>=1.3", "Pillow>=9", "open-clip-torch>=2.23", "tqdm"],
                                     {"monai": "1.2.0", "pillow": "10.4.0", "open-clip-torch": "2.24.0"}) == [
         "monai>=1.3", "tqdm"]  # too old, and missing; names compare canonically
-    assert module.unmetRequirements(["torch>=2.1"], {"torch": "2.13.0+cpu"}) == []  # a local build label is fine
+    assert dependencies.unmetRequirements(["torch>=2.1"], {"torch": "2.13.0+cpu"}) == []  # a local build label is fine
 
-    logic = module.CLISCSegmentLogic()
-    monai = next(text for text in module.REQUIREMENTS if requirement_name(text) == "monai")
-    monkeypatch.setattr(module, "installedVersions", lambda: versions(module, monai="0.1", torch=None))
-    assert logic.missingPackages() == [monai]  # importable or not, an old release must be replaced
-    assert logic.missingTorch() == [module.TORCH_REQUIREMENTS[0]]  # torch is never pip's: it is not in REQUIREMENTS
-    assert not {requirement_name(text) for text in module.REQUIREMENTS} & {"torch", "torchvision"}
-    assert module.canonicalName("Open_CLIP.torch") == "open-clip-torch"
-    assert all(name == module.canonicalName(name) for name in module.installedVersions())
+    monai = next(text for text in dependencies.REQUIREMENTS if requirement_name(text) == "monai")
+    monkeypatch.setattr(dependencies, "installedVersions", lambda: versions(dependencies, monai="0.1", torch=None))
+    assert dependencies.missingPackages() == [monai]  # importable or not, an old release must be replaced
+    assert dependencies.missingTorch() == [dependencies.TORCH_REQUIREMENTS[0]]  # torch is never pip's: it is not in REQUIREMENTS
+    assert not {requirement_name(text) for text in dependencies.REQUIREMENTS} & {"torch", "torchvision"}
+    assert dependencies.canonicalName("Open_CLIP.torch") == "open-clip-torch"
+    assert all(name == dependencies.canonicalName(name) for name in dependencies.installedVersions())
 
 
-def test_constraints_pin_the_installed_torch_torchvision_numpy_and_simpleitk(module):
+def test_constraints_pin_the_installed_torch_torchvision_numpy_and_simpleitk(dependencies):
     installed = {"torch": "2.13.0+cpu", "torchvision": "0.28.0", "numpy": "2.0.2", "simpleitk": "2.4.1", "tqdm": "4.6"}
-    assert module.pipConstraints(installed) == (
+    assert dependencies.pipConstraints(installed) == (
         "torch==2.13.0+cpu\ntorchvision==0.28.0\nnumpy==2.0.2\nSimpleITK==2.4.1\n")
-    assert module.pipConstraints({"numpy": "2.4.6"}) == "numpy==2.4.6\n"  # what is not installed is not pinned
+    assert dependencies.pipConstraints({"numpy": "2.4.6"}) == "numpy==2.4.6\n"  # what is not installed is not pinned
 
 
-def test_install_passes_only_missing_packages_to_pip_with_the_constraints(module, monkeypatch):
+def test_install_passes_only_missing_packages_to_pip_with_the_constraints(dependencies, monkeypatch):
     import slicer
 
-    monai = next(text for text in module.REQUIREMENTS if requirement_name(text) == "monai")
-    tables = [versions(module, monai=None, torch="2.13.0+cpu", torchvision="0.28.0", numpy="2.0.2")]
-    monkeypatch.setattr(module, "installedVersions", lambda: tables[-1])
+    monai = next(text for text in dependencies.REQUIREMENTS if requirement_name(text) == "monai")
+    tables = [versions(dependencies, monai=None, torch="2.13.0+cpu", torchvision="0.28.0", numpy="2.0.2")]
+    monkeypatch.setattr(dependencies, "installedVersions", lambda: tables[-1])
     calls = []
 
     def pip_install(arguments):  # Slicer 5.10: slicer.util.pip_install, the constraints as pip's -c argument
         assert arguments[0] == "-c"
         calls.append((Path(arguments[1]).read_text(encoding="utf-8"), arguments[2:]))
-        tables.append(versions(module, monai="1.5.2", torch="2.13.0+cpu", torchvision="0.28.0", numpy="2.0.2"))
+        tables.append(versions(dependencies, monai="1.5.2", torch="2.13.0+cpu", torchvision="0.28.0", numpy="2.0.2"))
 
     monkeypatch.setattr(slicer.util, "pip_install", pip_install)
-    logic = module.CLISCSegmentLogic()
-    assert logic.installPackages() == []  # monai is new; nothing installed changed version
+    assert dependencies.installPackages() == []  # monai is new; nothing installed changed version
     constraints, requirements = calls[0]
     assert requirements == [monai]
     assert constraints.splitlines()[:3] == ["torch==2.13.0+cpu", "torchvision==0.28.0", "numpy==2.0.2"]
-    assert logic.installPackages() == [] and len(calls) == 1  # nothing missing: pip is not run
+    assert dependencies.installPackages() == [] and len(calls) == 1  # nothing missing: pip is not run
 
     ensured = []  # Slicer 5.12: slicer.packaging.pip_ensure, which takes the constraints file itself
-    tables.append(versions(module, monai="0.1", numpy="2.0.2"))
+    tables.append(versions(dependencies, monai="0.1", numpy="2.0.2"))
     monkeypatch.setitem(sys.modules, "slicer.packaging", SimpleNamespace(pip_ensure=lambda requirements, **options: (
         ensured.append((requirements, Path(options["constraints"]).read_text(encoding="utf-8"), options)),
-        tables.append(versions(module, monai="1.5.2", numpy="2.0.2")))))
-    assert logic.installPackages() == ["monai"]
+        tables.append(versions(dependencies, monai="1.5.2", numpy="2.0.2")))))
+    assert dependencies.installPackages() == ["monai"]
     requirements, constraints, options = ensured[0]
     assert requirements == [monai] and "numpy==2.0.2\n" in constraints and len(calls) == 1
     assert options["requester"] == "CLISC" and not options["prompt_install"]
 
 
-def test_torch_is_asked_of_the_pytorch_extension_never_pip(module, monkeypatch):
-    torch = Requirement(module.TORCH_REQUIREMENTS[0])
-    torchvision = Requirement(module.TORCH_REQUIREMENTS[1])
-    arguments = module.torchInstallArguments(versions(module, torch=None, torchvision=None))
+def test_torch_is_asked_of_the_pytorch_extension_never_pip(dependencies, monkeypatch):
+    torch = Requirement(dependencies.TORCH_REQUIREMENTS[0])
+    torchvision = Requirement(dependencies.TORCH_REQUIREMENTS[1])
+    arguments = dependencies.torchInstallArguments(versions(dependencies, torch=None, torchvision=None))
     assert arguments["askConfirmation"] is True and arguments["torchVersionRequirement"] == str(torch.specifier)
     assert ("torchvisionVersionRequirement" in arguments) == bool(str(torchvision.specifier))
-    kept = module.torchInstallArguments(versions(module, torch="2.13.0+cpu", torchvision=None))
+    kept = dependencies.torchInstallArguments(versions(dependencies, torch="2.13.0+cpu", torchvision=None))
     assert kept["torchVersionRequirement"] == "==2.13.0"  # the installed torch stays; torchvision comes paired
     with pytest.raises(RuntimeError, match="PyTorch Utils module"):
-        module.torchInstallArguments(versions(module, torch="0.1"))
+        dependencies.torchInstallArguments(versions(dependencies, torch="0.1"))
 
     asked = []
-    monkeypatch.setattr(module, "installedVersions", lambda: versions(module, torch=None, torchvision=None))
+    monkeypatch.setattr(dependencies, "installedVersions", lambda: versions(dependencies, torch=None, torchvision=None))
     monkeypatch.setitem(sys.modules, "PyTorchUtils", SimpleNamespace(PyTorchUtilsLogic=lambda: SimpleNamespace(
         installTorch=lambda **options: asked.append(options) or SimpleNamespace(__version__="2.13.0"))))
-    assert module.installTorch() and asked == [arguments]
+    assert dependencies.installTorch() and asked == [arguments]
     monkeypatch.setitem(sys.modules, "PyTorchUtils", SimpleNamespace(PyTorchUtilsLogic=lambda: SimpleNamespace(
         installTorch=lambda **options: None)))  # the user declined
-    assert not module.installTorch()
+    assert not dependencies.installTorch()
     monkeypatch.setitem(sys.modules, "PyTorchUtils", None)  # the PyTorch extension is not installed
     with pytest.raises(RuntimeError, match="PyTorch extension"):
-        module.installTorch()
+        dependencies.installTorch()
 
 
-def test_slicer_older_than_5_10_is_refused_with_a_message(module, monkeypatch):
+def test_slicer_older_than_5_10_is_refused_with_a_message(module, dependencies, monkeypatch):
     import slicer
 
-    assert module.unsupportedSlicerMessage() is None
-    monkeypatch.setattr(module, "sys", SimpleNamespace(version_info=(3, 12, 10, "final", 0)))
-    assert module.unsupportedSlicerMessage() is None  # Slicer 5.10 and 5.12
-    monkeypatch.setattr(module, "sys", SimpleNamespace(version_info=(3, 9, 10, "final", 0)))
+    assert dependencies.unsupportedSlicerMessage() is None
+    monkeypatch.setattr(dependencies, "sys", SimpleNamespace(version_info=(3, 12, 10, "final", 0)))
+    assert dependencies.unsupportedSlicerMessage() is None  # Slicer 5.10 and 5.12
+    monkeypatch.setattr(dependencies, "sys", SimpleNamespace(version_info=(3, 9, 10, "final", 0)))
     monkeypatch.setattr(slicer, "app", SimpleNamespace(applicationVersion="5.8.1"), raising=False)
-    assert module.unsupportedSlicerMessage().startswith(
+    assert dependencies.unsupportedSlicerMessage().startswith(
         "CLISC needs 3D Slicer 5.10 or newer (this is Slicer 5.8.1 with Python 3.9)")
     with pytest.raises(RuntimeError, match=r"CLISC needs 3D Slicer 5\.10 or newer"):
         module.CLISCSegmentLogic()
@@ -450,5 +463,5 @@ def test_models_section_lists_the_cached_weights_with_sizes_and_removes_them(mod
     assert logic.installedModels() == [(entry.name, folder, 12345)]
     logic.removeModel(entry.name)
     assert logic.installedModels() == [] and not folder.exists()
-    assert [module.formatSize(size) for size in (375_042_000, 2_564_550_879, 12_345, 999)] == [
+    assert [module.CLISCSegmentWidget.formatSize(size) for size in (375_042_000, 2_564_550_879, 12_345, 999)] == [
         "375 MB", "2.6 GB", "12 kB", "999 B"]

@@ -102,13 +102,47 @@ def _check_suffix(path: Optional[str], suffixes: tuple, what: str) -> None:
         raise InputError(f"{path}: {what} must end with one of {', '.join(suffixes)}")
 
 
+def _dicom_seg_targets(args: argparse.Namespace) -> List[str]:
+    """The DICOM SEG files to write: OUT when it ends with .dcm, and DIR/clisc_seg.dcm for --dicom-seg DIR
+    (DIR is created when its parent exists). Refused before any work unless the input is a DICOM series folder."""
+    from .dicom_seg import DICOM_SEG_SUFFIX, SEG_FILE_NAME, require_highdicom
+
+    targets = [args.output] if str(args.output).lower().endswith(DICOM_SEG_SUFFIX) else []
+    if args.dicom_seg:
+        folder = Path(args.dicom_seg)
+        if folder.exists() and not folder.is_dir():
+            raise InputError(f"--dicom-seg {folder}: not a folder; give the folder to write {SEG_FILE_NAME} in")
+        targets.append(str(folder / SEG_FILE_NAME))
+    if targets and not Path(args.input).is_dir():
+        raise InputError(f"{', '.join(targets)}: a DICOM SEG references the DICOM series it was drawn on, and "
+                         f"{args.input} is not a DICOM series folder; write a .seg.nrrd or a labelmap instead")
+    if targets:
+        require_highdicom()  # an optional dependency: missing, it is named before any work
+    if args.dicom_seg and Path(args.dicom_seg).parent.is_dir():
+        Path(args.dicom_seg).mkdir(exist_ok=True)
+    return targets
+
+
+def _write_outputs(args: argparse.Namespace, targets: List[str], masks, names, volume) -> None:
+    """-o OUT (a .seg.nrrd, a labelmap or a DICOM SEG) and every --dicom-seg file."""
+    from .dicom_seg import write_dicom_seg
+    from .writers import write_masks
+
+    if args.output not in targets:
+        write_masks(args.output, masks, names, volume)
+    for target in targets:
+        write_dicom_seg(target, masks, names, volume, args.input, getattr(args, "series", None), prompts=names)
+        if target != args.output:
+            print(f"wrote {target}")
+
+
 def _segment(args: argparse.Namespace) -> None:
     import json
 
     from .models.loaders import describe_model
     from .progress import TqdmProgress
     from .readers import read_volume
-    from .writers import LABELMAP_SUFFIXES, output_kind, write_bytes, write_masks, write_volume
+    from .writers import VOLUME_SUFFIXES, output_kind, write_bytes, write_volume
     from .zeroshot import (
         ZeroShotSegmenter,
         check_options,
@@ -117,10 +151,13 @@ def _segment(args: argparse.Namespace) -> None:
     )
 
     prompts = check_prompts(args.prompt)
-    output_kind(args.output)
-    _check_suffix(args.saliency_out, LABELMAP_SUFFIXES, "--saliency-out (a volume file)")
+    dicom_seg = _dicom_seg_targets(args)
+    if args.output not in dicom_seg:
+        output_kind(args.output)
+    _check_suffix(args.saliency_out, VOLUME_SUFFIXES, "--saliency-out (a volume file)")
     _check_suffix(args.report, (".json",), "--report")
-    _check_outputs(args.input, [args.output, args.saliency_out, args.report], args.overwrite)
+    _check_outputs(args.input, list(dict.fromkeys([args.output, *dicom_seg, args.saliency_out, args.report])),
+                   args.overwrite)
     options = preset_options(
         args.preset, clip=args.clip, sam=args.sam, saliency=args.saliency, profile=args.profile, beta=args.beta,
         components=args.components, box_per_component=args.box_per_component, keep_3d=args.keep_3d,
@@ -139,7 +176,7 @@ def _segment(args: argparse.Namespace) -> None:
         result = segmenter.segment(volume, prompts, progress=progress)
     finally:
         progress.close()
-    write_masks(args.output, result.masks, result.names, volume)
+    _write_outputs(args, dicom_seg, result.masks, result.names, volume)
     if args.saliency_out:
         for n, saliency in enumerate(result.saliency):
             write_volume(_numbered(Path(args.saliency_out), n, len(result.saliency)), volume, saliency)
@@ -164,7 +201,9 @@ def _numbered(path, index: int, count: int):
 def _train(args: argparse.Namespace) -> None:
     import json
 
-    from .cohort.run import CohortOptions, run_cohort, summary_lines
+    from .cohort.evaluation import summary_lines
+    from .cohort.options import CohortOptions
+    from .cohort.run import run_cohort
     from .progress import TqdmProgress
 
     options = CohortOptions(**{name: value for name, value in vars(args).items()
@@ -185,20 +224,22 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _apply(args: argparse.Namespace) -> None:
-    from .cohort.run import apply_run
+    from .cohort.apply import apply_run
     from .progress import TqdmProgress
     from .readers import read_volume
-    from .writers import output_kind, write_masks
+    from .writers import output_kind
 
-    output_kind(args.output)
-    _check_outputs(args.input, [args.output], args.overwrite)
+    dicom_seg = _dicom_seg_targets(args)
+    if args.output not in dicom_seg:
+        output_kind(args.output)
+    _check_outputs(args.input, list(dict.fromkeys([args.output, *dicom_seg])), args.overwrite)
     volume = read_volume(args.input)
     progress = TqdmProgress()
     try:
         result = apply_run(args.run_dir, volume, args.device, progress=progress)
     finally:
         progress.close()
-    write_masks(args.output, result.masks, result.names, volume)
+    _write_outputs(args, dicom_seg, result.masks, result.names, volume)
     print(f"{result.names[0]}: {int(result.masks[0].sum())} voxels")
     print(f"wrote {args.output}")
 
@@ -249,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--prompt", action="append", required=True, metavar="TEXT",
                          help="what to segment, e.g. \"brain tumor\" (repeat for several segments)")
     segment.add_argument("-o", "--output", required=True, metavar="OUT",
-                         help=".seg.nrrd (one named segment per prompt) or a labelmap .nii.gz/.nrrd")
+                         help=".seg.nrrd (one named segment per prompt), a labelmap .nii.gz/.nrrd, or .dcm (a DICOM "
+                              "SEG; the input must be a DICOM series)")
     segment.add_argument("--negative-prompt", action="append", metavar="TEXT",
                          help="what the target is not (replaces the default negative ensemble; repeatable)")
     segment.add_argument("--preset", choices=["accurate", "fast"], default="accurate",
@@ -283,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--report", metavar="FILE.json", help="write what was done, with timings and models")
     segment.add_argument("--seed", type=int)
     segment.add_argument("--series", metavar="UID", help="DICOM series to read from a folder holding several")
+    segment.add_argument("--dicom-seg", metavar="DIR",
+                         help="also write a DICOM SEG (DIR/clisc_seg.dcm) referencing the input DICOM series")
     segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
     segment.set_defaults(run=_segment)
     train = commands.add_parser(
@@ -313,6 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--unet-epochs", type=int, metavar="N", help="U-Net epochs per round (default 400)")
     train.add_argument("--patch-size", type=int, metavar="N", help="U-Net patch side, a multiple of 16 (default 128)")
     train.add_argument("--batch-size", type=int, metavar="N", help="U-Net patches per step, per process (default 2)")
+    train.add_argument("--loader-workers", type=int, metavar="N",
+                       help="processes reading cases and cutting U-Net patches ahead of training (default 2; 0: none)")
     train.add_argument("--s3f-rounds", type=int, metavar="N", help="S3F self-training rounds (default 1; 0: none)")
     train.add_argument("--s3f-keep", type=float, metavar="F", help="fraction of cases S3F keeps (default 0.8)")
     train.add_argument("--sam-precision", choices=["float32", "bfloat16", "float16"])
@@ -326,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     apply = commands.add_parser("apply", help="segment a volume with a trained CLISC run")
     apply.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a finished `clisc train`")
     apply.add_argument("input", help="NIfTI/NRRD/MHA file or DICOM series folder")
-    apply.add_argument("-o", "--output", required=True, metavar="OUT", help=".seg.nrrd or labelmap .nii.gz/.nrrd")
+    apply.add_argument("-o", "--output", required=True, metavar="OUT",
+                       help=".seg.nrrd, labelmap .nii.gz/.nrrd, or .dcm (a DICOM SEG; the input must be a DICOM series)")
+    apply.add_argument("--dicom-seg", metavar="DIR",
+                       help="also write a DICOM SEG (DIR/clisc_seg.dcm) referencing the input DICOM series")
     apply.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     apply.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     apply.set_defaults(run=_apply)

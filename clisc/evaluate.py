@@ -24,17 +24,18 @@ from typing import Optional
 import numpy as np
 
 from .cohort.cases import list_cohort, read_case_list
-from .cohort.run import LABEL_SUFFIXES, label_paths
+from .cohort.evaluation import label_paths
+from .cohort.run_folder import RunFolder
 from .errors import InputError
 from .metrics import EMPTY_CASE_RULE, NSD_TOLERANCE_MM, evaluate
 from .progress import ProgressCallback, no_progress
-from .readers import read_volume
+from .readers import VOLUME_SUFFIXES, read_volume
 from .volume import LPS_TO_RAS, Volume
 from .writers import SEGMENTATION_SUFFIX
 
 logger = logging.getLogger("clisc")
 
-PREDICTION_SUFFIXES = (SEGMENTATION_SUFFIX,) + LABEL_SUFFIXES  # .seg.nrrd before .nrrd
+PREDICTION_SUFFIXES = (SEGMENTATION_SUFFIX,) + VOLUME_SUFFIXES  # .seg.nrrd before .nrrd
 GRID_TOLERANCE_MM = 1e-3     # on every element of the voxel-to-patient matrices (spacing × direction, origin)
 METRICS = ("dice", "hd95_mm", "nsd")
 MONTAGE_CASES = 3            # the montage shows this many worst and best cases by Dice
@@ -103,7 +104,7 @@ def case_id(path: Path) -> Optional[str]:
 
 def is_run_dir(path: Path) -> bool:
     """Whether ``path`` is the --out folder of `clisc train`."""
-    return (path / "config.json").is_file() and (path / "predictions").is_dir()
+    return RunFolder(path).is_run() and RunFolder(path).predictions.is_dir()
 
 
 def prediction_paths(prediction: Path) -> dict[str, Path]:
@@ -115,7 +116,7 @@ def prediction_paths(prediction: Path) -> dict[str, Path]:
             raise InputError(f"{prediction}: a prediction is a labelmap or a Slicer segmentation "
                              f"({', '.join(PREDICTION_SUFFIXES)})")
         return {case_id(prediction): prediction}
-    folder = prediction / "predictions" if is_run_dir(prediction) else prediction
+    folder = RunFolder(prediction).predictions if is_run_dir(prediction) else prediction
     found = {case_id(path): path for path in sorted(folder.iterdir()) if path.is_file() and case_id(path)}
     if not found:
         hint = " (`clisc train` writes them at the end of a run given --labels)" if folder != prediction else ""
@@ -269,7 +270,7 @@ def image_paths(images: Optional[Path], prediction: Path, case_ids: list[str]) -
     if images is None:
         if not is_run_dir(prediction):
             return {}
-        images = Path(json.loads((prediction / "config.json").read_text())["cohort"])
+        images = Path(RunFolder(prediction).config()["cohort"])
         if not images.exists():
             logger.warning("the run's cohort %s is not there: the montage has a blank background (--images "
                            "gives the images)", images)

@@ -1,20 +1,26 @@
 """The one progress protocol of the engine: a callback and a cancellation token.
 
-Long work calls ``progress(stage, done, total, message)`` and checks ``cancel.raise_if_cancelled()`` between
-units of work (slices, cases, epochs). The CLI renders the callback as a tqdm bar, Slicer as a QProgressBar,
+Long work calls ``progress(stage, done, total, message, **fields)`` and checks ``cancel.raise_if_cancelled()``
+between units of work (slices, cases, epochs). ``message`` is for people; ``fields`` carry the same facts for
+programs, by name: ``case`` (a case id), ``epoch`` (1-based, = done in a training loop) and ``loss`` (a float).
+Every callback accepts any fields. The CLI renders the callback as a tqdm bar, Slicer as a QProgressBar,
 a subprocess as JSON lines.
 """
 from __future__ import annotations
 
 import threading
-from typing import Callable, Optional
+from typing import Optional, Protocol
 
 from .errors import Cancelled
 
-ProgressCallback = Callable[[str, int, int, str], None]
+
+class ProgressCallback(Protocol):
+    """``progress(stage, done, total, message="", **fields)``: ``done`` of ``total`` units of ``stage``."""
+
+    def __call__(self, stage: str, done: int, total: int, message: str = "", **fields) -> None: ...
 
 
-def no_progress(stage: str, done: int, total: int, message: str = "") -> None:
+def no_progress(stage: str, done: int, total: int, message: str = "", **fields) -> None:
     """A progress callback that does nothing."""
 
 
@@ -44,7 +50,7 @@ class TqdmProgress:
         self._stage: Optional[str] = None
         self._disable = disable
 
-    def __call__(self, stage: str, done: int, total: int, message: str = "") -> None:
+    def __call__(self, stage: str, done: int, total: int, message: str = "", **fields) -> None:
         from tqdm import tqdm
 
         if stage != self._stage:

@@ -12,6 +12,9 @@ import numpy as np
 from skimage.filters import threshold_otsu
 from skimage.measure import label
 
+from .components import largest_components
+from .profiles import PROMPT_TYPES
+
 KMEANS_GRID = 256  # the side the saliency is clustered at (MedCLIP-SAMv2)
 
 
@@ -27,23 +30,6 @@ class SamPrompt:
     def as_dict(self) -> dict:
         return {key: None if value is None else np.asarray(value).tolist()
                 for key, value in vars(self).items()}
-
-
-def largest_components(mask: np.ndarray, count: int) -> np.ndarray:
-    """The ``count`` largest connected components of a boolean mask (2D or 3D, full connectivity)."""
-    labels = label(mask, connectivity=mask.ndim)
-    if labels.max() <= count:
-        return labels > 0
-    sizes = np.bincount(labels.ravel())[1:]
-    keep = np.argsort(sizes)[::-1][:count] + 1
-    return np.isin(labels, keep)
-
-
-def components_of_at_least(mask: np.ndarray, size: int) -> np.ndarray:
-    """The connected components of a boolean mask (2D or 3D, full connectivity) of ``size`` voxels or more."""
-    labels = label(mask, connectivity=mask.ndim)
-    sizes = np.bincount(labels.ravel())
-    return np.isin(labels, np.flatnonzero(sizes[1:] >= size) + 1)
 
 
 def coarse_mask(saliency: np.ndarray, method: str = "kmeans", components: int = 1,
@@ -99,13 +85,13 @@ def sam_prompt(mask: np.ndarray, prompt_type: str = "box", box_per_component: bo
     """SAM prompts from a coarse mask (H, W); None when the mask is empty.
 
     Args:
-        prompt_type: "box", "points" or "both".
+        prompt_type: one of `clisc.profiles.PROMPT_TYPES` (box, points, both).
         box_per_component: one box per connected component (paired organs) instead of one around all.
         positive_points / negative_points: points sampled without replacement inside the mask / outside
             it (MedCLIP-SAMv2's defaults: 10 positives, no negatives), seeded by ``rng``.
     """
-    if prompt_type not in ("box", "points", "both"):
-        raise ValueError(f"unknown prompt type {prompt_type!r}; use box, points or both")
+    if prompt_type not in PROMPT_TYPES:
+        raise ValueError(f"unknown prompt type {prompt_type!r}; use {', '.join(PROMPT_TYPES)}")
     if not mask.any():
         return None
     rng = rng or np.random.default_rng(0)

@@ -16,9 +16,17 @@ from .volume import Volume
 
 logger = logging.getLogger(__name__)
 
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")  # 3D image files (a DICOM series is a folder)
 IMAGE_2D_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp"}
 SUPPORTED = "NIfTI (.nii, .nii.gz), NRRD (.nrrd), MetaImage (.mha, .mhd), a DICOM series folder, PNG or JPG"
 LUMINANCE = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as PIL's "L" conversion
+
+
+def rgb_to_grey(pixels: np.ndarray) -> np.ndarray:
+    """The grey level of RGB or RGBA pixels, (..., 3 or 4) -> (...) float32: ITU-R BT.601 luma (`LUMINANCE`, as
+    PIL's "L" conversion); alpha is ignored. The one colour-to-grey conversion of CLISC: the readers use it for
+    PNG/JPG files, CLISC in Slicer for colour volume nodes, so an image gives the same grey levels in both."""
+    return pixels[..., :3].astype(np.float32) @ LUMINANCE.astype(np.float32)
 
 
 def read_volume(path: str | Path, series_uid: Optional[str] = None) -> Volume:
@@ -165,8 +173,7 @@ def _to_volume(image, path: Path) -> Volume:
     components = image.GetNumberOfComponentsPerPixel()
     if components > 1:
         if image.GetDimension() == 2 and components in (3, 4):
-            rgb = sitk.GetArrayFromImage(image)[..., :3].astype(np.float32)
-            gray = sitk.GetImageFromArray(rgb @ LUMINANCE.astype(np.float32))
+            gray = sitk.GetImageFromArray(rgb_to_grey(sitk.GetArrayFromImage(image)))
             gray.CopyInformation(sitk.VectorIndexSelectionCast(image, 0))
             image = gray
         else:

@@ -9,18 +9,35 @@ per forward pass, without gradients, with the fused-attention encoder and, where
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 import torch
 
+from .components import largest_components
 from .models.sam_builders import box_prompts_only, takes_min_max_input
 from .precision import inference
-from .prompts import SamPrompt, largest_components
+from .prompts import SamPrompt
 from .sam_speed import accelerate_image_encoder
 from .torchvision_compat import import_torchvision
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SlicePrediction:
+    """What `SliceSegmenter.predict_logits` returns for one slice.
+
+    mask: (H, W) bool, the slice-grid logits > 0 (probability 0.5), kept whole (no component filtering).
+    low_res_logits: (1, 256, 256) float32 on the CPU (4 × the embedding grid), SAM's low-resolution logits in its
+        padded input frame: what ``mask_input`` takes on the next call.
+    iou: SAM's own predicted IoU of ``mask`` (its IoU head), 0..1 for a trained model.
+    """
+
+    mask: np.ndarray
+    low_res_logits: torch.Tensor
+    iou: float
 
 
 class SliceSegmenter:
@@ -106,3 +123,64 @@ class SliceSegmenter:
             logits = sam.postprocess_masks(low_res, input_size, image_shape)
         mask = (logits > sam.mask_threshold).any(dim=0)[0].cpu().numpy()
         return largest_components(mask, prompt.components)
+
+    def predict_logits(self, embedding: torch.Tensor, image_shape: tuple, points: Optional[np.ndarray] = None,
+                       labels: Optional[np.ndarray] = None, box: Optional[np.ndarray] = None,
+                       mask_input: Optional[torch.Tensor] = None, multimask: Optional[bool] = None) -> SlicePrediction:
+        """One slice's mask with SAM's logits and predicted IoU, for interactive refinement.
+
+        Args:
+            embedding: (256, 64, 64) from `embed`.
+            image_shape: (H, W) of the slice.
+            points: (P, 2) float, (x, y) = (column, row) in slice pixels; labels (P,) int, 1 positive, 0 negative.
+                Sent as given, also to a box-trained model (the caller decides; see ``box_prompts_only``).
+            box: (4,) float, x0, y0, x1, y1 in slice pixels (inclusive bounds).
+            mask_input: (1, 256, 256) low-resolution logits of an earlier prediction (`SlicePrediction`) or of
+                `mask_to_logits`, or None.
+            multimask: SAM's three-mask output, keeping the one with the highest predicted IoU. Default: only
+                for a single point with no box and no mask input, where SAM's authors recommend it (an
+                ambiguous prompt).
+        """
+        sam = self.sam
+        if points is not None and len(points) == 0:
+            points = labels = None
+        if multimask is None:
+            multimask = points is not None and len(points) == 1 and box is None and mask_input is None
+        point_input = box_input = mask_tensor = None
+        if points is not None:
+            coords = self.transform.apply_coords(np.asarray(points, dtype=float), image_shape)
+            point_input = (torch.as_tensor(coords, dtype=torch.float, device=self.device)[None],
+                           torch.as_tensor(np.asarray(labels), dtype=torch.int, device=self.device)[None])
+        if box is not None:
+            box_input = torch.as_tensor(self.transform.apply_boxes(np.asarray(box, dtype=float)[None], image_shape),
+                                        dtype=torch.float, device=self.device)
+        if mask_input is not None:
+            mask_tensor = mask_input.to(self.device, torch.float)[None]
+        with torch.inference_mode():
+            sparse, dense = sam.prompt_encoder(points=point_input, boxes=box_input, masks=mask_tensor)
+            low_res, iou = sam.mask_decoder(
+                image_embeddings=embedding[None].to(self.device), image_pe=sam.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)
+            best = int(iou[0].argmax())
+            low_res = low_res[:, best:best + 1]
+            input_size = self.transform.get_preprocess_shape(*image_shape, self.transform.target_length)
+            logits = sam.postprocess_masks(low_res, input_size, image_shape)
+        mask = (logits[0, 0] > sam.mask_threshold).cpu().numpy()
+        return SlicePrediction(mask, low_res[0].float().cpu(), float(iou[0, best]))
+
+    def mask_to_logits(self, mask: np.ndarray, magnitude: float = 8.0) -> torch.Tensor:
+        """(1, 256, 256) (4 × the embedding grid) mask input from a slice mask (H, W) bool that SAM did not draw
+        (a U-Net's, the user's): resized as the image is (longest side to the model's input size), zero padded,
+        brought to the low-resolution grid, +``magnitude`` inside and -``magnitude`` outside (SAM's logits
+        saturate there)."""
+        import torch.nn.functional as F
+
+        height, width = mask.shape
+        new_h, new_w = self.transform.get_preprocess_shape(height, width, self.transform.target_length)
+        size = self.sam.image_encoder.img_size
+        resized = F.interpolate(torch.as_tensor(mask, dtype=torch.float)[None, None], (new_h, new_w), mode="bilinear",
+                                align_corners=False)
+        padded = F.pad(resized, (0, size - new_w, 0, size - new_h))
+        low = self.sam.prompt_encoder.mask_input_size
+        low_res = F.interpolate(padded, low, mode="bilinear", align_corners=False)[0]
+        return (low_res * 2 - 1) * magnitude

@@ -15,9 +15,9 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from .errors import InputError
+from .readers import VOLUME_SUFFIXES
 from .volume import Volume
 
-LABELMAP_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 SEGMENTATION_SUFFIX = ".seg.nrrd"
 
 # Distinct colours for segments, in order (Slicer's GenericAnatomyColors-like palette, RGB 0..1).
@@ -32,11 +32,11 @@ def output_kind(path: str | Path) -> str:
     name = str(path).lower()
     if name.endswith(SEGMENTATION_SUFFIX):
         return "segmentation"
-    if name.endswith(LABELMAP_SUFFIXES):
+    if name.endswith(VOLUME_SUFFIXES):
         return "labelmap"
     raise InputError(
         f"{path}: unsupported output type; use {SEGMENTATION_SUFFIX} (Slicer segmentation) or a labelmap "
-        f"({', '.join(LABELMAP_SUFFIXES)})"
+        f"({', '.join(VOLUME_SUFFIXES)})"
     )
 
 

@@ -7,15 +7,15 @@ Each row replaces some stages by ground truth (an "oracle") and runs the rest wi
     mask is kept whole. Shows the best a box prompt can get from this SAM on these images and what loose
     boxes cost. Cannot show anything about saliency, CAMs or slice selection (a slice without target gets no
     box, so slice selection is perfect; a normal BUSI image scores 1 trivially). Measured on each image view
-    a later row gives SAM: "zeroshot" (`clisc.zeroshot.to_uint8` of the volume, as `ZeroShotSegmenter` feeds
-    SAM), "clisc" (the cohort's pre-processing: body crop, clip, z-score, per-slice min-max to uint8, then
-    `pseudo_labels.equalised_rgb`, as `sam_pseudo_label` feeds SAM) and, for CT, "ct-window" (soft-tissue
-    window, level 40 HU, width 400 HU, 3 equal channels).
+    a later row gives SAM: "zeroshot" (`clisc.zeroshot.percentile_window_uint8` of the volume, as
+    `ZeroShotSegmenter` feeds SAM), "clisc" (the cohort's pre-processing: body crop, clip, z-score, per-slice
+    min-max to uint8, then `pseudo_labels.equalised_rgb`, as `sam_pseudo_label` feeds SAM) and, for CT,
+    "ct-window" (soft-tissue window, level 40 HU, width 400 HU, 3 equal channels).
 (b) Zero-shot pipeline from the coarse mask on. Oracles: the saliency map, made from the ground truth with
     the perturbations below, and slice selection (a volume's slices without target get a flat map, so only
     ground-truth slices reach SAM; CLIP relevance is not tested). Every BUSI image gets a map (a normal one:
     only noise and blobs), so normal images measure false positives. Everything after the map is
-    `ZeroShotSegmenter.segment` itself, a subclass replacing only `slice_saliency`: `coarse_mask`,
+    `ZeroShotSegmenter.segment` itself, given only its saliency method (`GivenSaliency`): `coarse_mask`,
     `sam_prompt` with the preset's settings, `SliceSegmenter.predict`, the largest 3D components. Shows how
     the mask -> prompt -> SAM chain tolerates a blurred, shifted, noisy, blob-ridden saliency; cannot show how
     good a real CLIP saliency is (no pretrained CLIP here). Variants: blur only; the engine's points mode.
@@ -85,15 +85,15 @@ from scipy import ndimage
 from clisc.cohort import pseudo_labels
 from clisc.cohort.cases import body_mask, preprocess, to_uint8_slices, uncrop
 from clisc.cohort.classifier import postprocess_cams
-from clisc.cohort.run import CohortOptions
+from clisc.cohort.options import CohortOptions
 from clisc.metrics import EMPTY_CASE_RULE, NSD_TOLERANCE_MM, evaluate
 from clisc.models.loaders import load_clip, load_sam
-from clisc.models.random_weights import TINY_CLIP_CONFIG, save_random_clip, save_random_sam
+from clisc.models.random_weights import save_random_clip, save_random_sam
 from clisc.prompts import SamPrompt, coarse_mask
 from clisc.readers import read_volume
 from clisc.sam import SliceSegmenter
 from clisc.volume import Volume
-from clisc.zeroshot import ZeroShotSegmenter, preset_options, prompt_profile, slice_axis, to_uint8
+from clisc.zeroshot import ZeroShotSegmenter, percentile_window_uint8, preset_options, prompt_profile, slice_axis
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = ("brats", "busi", "ct")
@@ -217,9 +217,10 @@ class View:
 
 
 def zeroshot_view(case: Case) -> View:
-    """Slices as `ZeroShotSegmenter.segment` makes them: `to_uint8` of the volume along the slice axis."""
+    """Slices as `ZeroShotSegmenter.segment` makes them: `percentile_window_uint8` of the volume along the slice
+    axis."""
     axis = slice_axis(case.volume, "auto")
-    slices = np.moveaxis(to_uint8(case.volume.array), axis, 0)
+    slices = np.moveaxis(percentile_window_uint8(case.volume.array), axis, 0)
     return View("zeroshot", np.repeat(slices[..., None], 3, axis=-1), np.moveaxis(case.truth, axis, 0),
                 lambda mask: np.moveaxis(mask, 0, axis))
 
@@ -361,24 +362,39 @@ def row_a(view: View, segmenter: EmbeddingCache, dilation: int) -> np.ndarray:
     return view.to_volume(prediction)
 
 
-class OracleSaliencySegmenter(ZeroShotSegmenter):
-    """`ZeroShotSegmenter` whose saliency stage returns given maps (``maps``, (N, H, W) on the pipeline's slices)
-    instead of CLIP's; every other stage is the engine's. SAM is the shared `EmbeddingCache`."""
+class SliceImages:
+    """The part of a `clisc.protocols.SliceScorer` the pipeline uses with ``slices="all"``: CLIP's input is the
+    slice itself, (B, 3, H, W) uint8, and a map comes back unchanged, so a given map reaches `coarse_mask` as it
+    is."""
 
-    def __init__(self, options, clip, segmenter: EmbeddingCache) -> None:
-        super().__init__(options, clip=clip, sam=segmenter.sam)
-        self.sam = segmenter
-        self.maps: Optional[np.ndarray] = None
+    def images(self, slices: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(slices)[:, None].expand(-1, 3, -1, -1)
 
-    def slice_saliency(self, index: int, image: torch.Tensor, text: torch.Tensor, shape: tuple,
-                       beta: float) -> np.ndarray:
-        return self.maps[index]
+    def prompt_embedding(self, prompt: str) -> torch.Tensor:
+        return torch.zeros(1)
+
+    def to_slice_grid(self, maps: torch.Tensor, shape: tuple) -> np.ndarray:
+        return maps.numpy()
 
 
-def row_b(case: Case, view: View, pipeline: OracleSaliencySegmenter, seed: int, how: Perturbation) -> np.ndarray:
-    """(K, J, I) bool: the zero-shot pipeline on ``case`` with perturbed ground-truth saliency."""
-    pipeline.maps = perturbed_maps(case, view, 1, seed, how)
-    pipeline.sam.tag = view.name
+class GivenSaliency:
+    """A `clisc.protocols.SaliencyMethod` returning given maps instead of CLIP's: ``maps`` (N, H, W) on the
+    pipeline's slices ``slices`` (N, H, W) uint8, each found by its slice's pixels (`SliceImages` passes them
+    through; only slices with contrast reach it, and those differ)."""
+
+    def __init__(self, slices: np.ndarray, maps: np.ndarray) -> None:
+        self.maps = {plane.tobytes(): saliency for plane, saliency in zip(slices, maps)}
+
+    def __call__(self, images: torch.Tensor, text_embeddings: torch.Tensor, beta: float) -> torch.Tensor:
+        return torch.stack([torch.as_tensor(self.maps[image[0].numpy().tobytes()]) for image in images])
+
+
+def row_b(case: Case, view: View, options, maps: np.ndarray, segmenter: EmbeddingCache) -> np.ndarray:
+    """(K, J, I) bool: the zero-shot pipeline on ``case`` with the saliency ``maps`` (N, H, W) on ``view``'s
+    slices; every other stage is the engine's, SAM the shared `EmbeddingCache`."""
+    segmenter.tag = view.name
+    pipeline = ZeroShotSegmenter(options, scorer=SliceImages(), slice_sam=segmenter,
+                                 saliency=GivenSaliency(view.images[..., 0], maps))
     return pipeline.segment(case.volume, [case.prompt]).masks[0]
 
 
@@ -507,8 +523,7 @@ def print_table(title: str, summaries: List[dict], unit: str) -> None:
 
 # ---- rows a, b, c on one dataset --------------------------------------------------------------------------------
 
-def run_dataset(cases: List[Case], segmenter: EmbeddingCache, pipeline: OracleSaliencySegmenter, rows: List[str],
-                args: argparse.Namespace) -> List[dict]:
+def run_dataset(cases: List[Case], segmenter: EmbeddingCache, rows: List[str], args: argparse.Namespace) -> List[dict]:
     """Rows a/b/c (and the local patches) on every case; returns one summary per row."""
     table: Dict[str, Row] = {}
     volume_id = None
@@ -540,14 +555,15 @@ def run_dataset(cases: List[Case], segmenter: EmbeddingCache, pipeline: OracleSa
         if "b" in rows:
             segmenter.precompute(zeroshot, selected_slices(case, zeroshot))
             segmenter.reset_decode()
-            for label, how, options in (("b zero-shot, perturbed GT saliency", Perturbation(), {}),
-                                        ("b zero-shot, blurred GT saliency only", BLUR_ONLY, {}),
-                                        ("b zero-shot, perturbed, prompt_type points", Perturbation(),
-                                         {"prompt_type": "points"})):
-                pipeline.options = preset_options(args.preset, slices="all", device="cpu", seed=args.seed, **options)
-                prediction = row_b(case, zeroshot, pipeline, args.seed, how)
+            for label, how, overrides in (("b zero-shot, perturbed GT saliency", Perturbation(), {}),
+                                          ("b zero-shot, blurred GT saliency only", BLUR_ONLY, {}),
+                                          ("b zero-shot, perturbed, prompt_type points", Perturbation(),
+                                           {"prompt_type": "points"})):
+                options = preset_options(args.preset, slices="all", device="cpu", seed=args.seed, **overrides)
+                maps = perturbed_maps(case, zeroshot, 1, args.seed, how)
+                prediction = row_b(case, zeroshot, options, maps, segmenter)
                 record(label, "GT-made saliency, GT slices", zeroshot.name, case, prediction,
-                       zeroshot.to_volume(coarse_masks(pipeline.maps, pipeline.options, case)))
+                       zeroshot.to_volume(coarse_masks(maps, options, case)))
         if "c" in rows:
             segmenter.precompute(cohort, selected_slices(case, cohort))
             segmenter.reset_decode()
@@ -585,7 +601,7 @@ def speed(args: argparse.Namespace, folder: Path) -> dict:
     """Encoder seconds per slice (LiteMedSAM, random vit_b; fp32, bf16) and a whole BraTS volume through
     `ZeroShotSegmenter` (preset fast, slices auto, litemedsam, random full-size CLIP ViT-B-16)."""
     volume = read_volume(DATA / "brats2015" / "pat0001" / "flair.nii.gz")
-    slices = to_uint8(volume.array)[60:60 + args.speed_slices]
+    slices = percentile_window_uint8(volume.array)[60:60 + args.speed_slices]
     images = np.repeat(slices[..., None], 3, axis=-1)
     result = {"slices": int(len(images)), "batch_size": args.sam_batch_size, "encoder_s_per_slice": {}}
     vit_b = save_random_sam(folder / "sam_vit_b_random.pth", "vit_b")
@@ -741,8 +757,6 @@ def main() -> None:
         if {"a", "b", "c"} & set(rows):
             print(check_pseudo_label_defaults())
             segmenter = EmbeddingCache(load_sam("litemedsam"), DTYPES[args.precision], args.sam_batch_size)
-            tiny_clip = load_clip(save_random_clip(folder / "tiny_clip", TINY_CLIP_CONFIG))  # only to run segment()
-            pipeline = OracleSaliencySegmenter(preset_options(args.preset, device="cpu"), tiny_clip, segmenter)
             loaders = {"brats": (brats_cases, "BraTS FLAIR whole tumour (label > 0), per volume", "mm"),
                        "busi": (busi_cases, "BUSI lesions, per image (8 benign, 8 malignant, 4 normal)", "px"),
                        "ct": (None, "CT organs (TotalSegmentator reference), per organ", "mm")}
@@ -754,7 +768,7 @@ def main() -> None:
                 if extra:
                     print(f"CT reference_seg: {extra}")
                 print(f"{dataset}: {len(cases)} case(s)", flush=True)
-                summaries = run_dataset(cases, segmenter, pipeline, rows, args)
+                summaries = run_dataset(cases, segmenter, rows, args)
                 print_table(f"{title}; {time.perf_counter() - started:.0f} s", summaries, unit)
                 if dataset == "ct":
                     for s in summaries:

@@ -2,8 +2,8 @@
 
 Both parts use the real pretrained LiteMedSAM (`load_sam("litemedsam")` in `clisc.sam.SliceSegmenter`) on the 4
 BraTS FLAIR volumes of ../shared/data (whole tumour = label > 0), on the slices exactly as `ZeroShotSegmenter`
-gives them to SAM (`bench_accuracy.zeroshot_view`: `to_uint8` of the volume along the auto slice axis). The
-data loaders, the view, the embedding cache and row (a) come from scripts/bench_accuracy.py.
+gives them to SAM (`bench_accuracy.zeroshot_view`: `percentile_window_uint8` of the volume along the auto slice
+axis). The data loaders, the view, the embedding cache and row (a) come from scripts/bench_accuracy.py.
 
 (1) Slice-relevance gate (`--slices auto`; neither paper has one). PRODUCT: the gate itself, computed as
     `ZeroShotSegmenter.segment` computes it: relevance 0 on slices without contrast (not candidates),

@@ -28,7 +28,7 @@ from clisc.models.random_weights import save_random_clip, save_random_sam
 from clisc.readers import read_volume
 from clisc.saliency import compute_saliency
 from clisc.torchvision_compat import import_torchvision
-from clisc.zeroshot import ZeroShotSegmenter, preset_options, slice_range, to_uint8
+from clisc.zeroshot import ZeroShotSegmenter, percentile_window_uint8, preset_options, slice_range
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats2015" / "pat0001" / "flair.nii.gz"
 
@@ -117,7 +117,7 @@ def main() -> None:
               f"({report['seconds']['sam'] / max(embedded, 1) / (gflop / bf16):.2f}x the bf16 bound)")
         print(f"  peak RSS: {peak_rss_gb():.2f} GB (before the run: {rss_before:.2f} GB)")
 
-        slices = np.moveaxis(to_uint8(volume.array), report["axis"], 0)
+        slices = np.moveaxis(percentile_window_uint8(volume.array), report["axis"], 0)
         slices = slices[slice_range(options.slices, len(slices))]  # the same slices as the pipeline
         nonblank = np.flatnonzero(np.ptp(slices.reshape(len(slices), -1), axis=1) > 0)
         sample = slices[nonblank[np.linspace(0, len(nonblank) - 1, args.naive_samples).astype(int)]]

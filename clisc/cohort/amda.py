@@ -15,11 +15,9 @@ def amda_masked_copies(images_uint8: np.ndarray, cams: np.ndarray, cam_masks: np
                        rng: np.random.Generator) -> np.ndarray:
     """Masked copies of training slices.
 
-    An abnormal slice (label 1) with a non-empty CAM mask: in the bounding box B of its mask, with CAM q,
-    τ = min_B q + 0.8 (max_B q − min_B q), and the pixels of B with q > τ are set to 0. Every other slice
-    (normal, or abnormal without a CAM mask) gets one rectangle set to 0 at a random place, of random aspect
-    ratio (1:2 to 2:1) and of area the mean number of pixels hidden in the abnormal slices (no rectangle when
-    no slice had a CAM mask).
+    An abnormal slice (label 1) with a non-empty CAM mask: `hide_discriminative`. Every other slice (normal, or
+    abnormal without a CAM mask) gets one rectangle set to 0 (`hide_rectangle`) of area the mean number of
+    pixels hidden in the abnormal slices (no rectangle when no slice had a CAM mask), in slice order.
 
     Args:
         images_uint8: (N, H, W) uint8 slices.
@@ -31,24 +29,39 @@ def amda_masked_copies(images_uint8: np.ndarray, cams: np.ndarray, cam_masks: np
         (N, H, W) uint8, the masked copies (the inputs are not changed).
     """
     copies = images_uint8.copy()
-    adaptive = [n for n in range(len(copies)) if labels[n] == 1 and cam_masks[n].any()]
-    hidden_areas = []
-    for n in adaptive:
-        rows, cols = np.nonzero(cam_masks[n])
-        box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
-        q = cams[n][box]
-        hide = q > q.min() + HIDE_FRACTION * (q.max() - q.min())
-        copies[n][box][hide] = 0
-        hidden_areas.append(int(hide.sum()))
-    area = float(np.mean(hidden_areas)) if hidden_areas else 0.0
+    adaptive = [n for n in range(len(copies)) if is_adaptive(labels[n], cam_masks[n])]
+    area = mean_area([hide_discriminative(copies[n], cams[n], cam_masks[n]) for n in adaptive])
     for n in sorted(set(range(len(copies))) - set(adaptive)):
-        if area > 0:
-            _hide_rectangle(copies[n], area, rng)
+        hide_rectangle(copies[n], area, rng)
     return copies
 
 
-def _hide_rectangle(image: np.ndarray, area: float, rng: np.random.Generator) -> None:
-    """Set to 0, in place, a rectangle of about ``area`` pixels at a random place of ``image`` (H, W)."""
+def is_adaptive(label: int, cam_mask: np.ndarray) -> bool:
+    """Whether a slice is masked where its CAM is highest (abnormal, with a CAM mask) rather than at random."""
+    return label == 1 and bool(cam_mask.any())
+
+
+def hide_discriminative(image: np.ndarray, cam: np.ndarray, cam_mask: np.ndarray) -> int:
+    """In the bounding box B of ``cam_mask`` (H, W), with CAM q, τ = min_B q + 0.8 (max_B q − min_B q): set the
+    pixels of B with q > τ to 0 in ``image`` (H, W), in place. Returns how many were hidden."""
+    rows, cols = np.nonzero(cam_mask)
+    box = (slice(rows.min(), rows.max() + 1), slice(cols.min(), cols.max() + 1))
+    q = cam[box]
+    hide = q > q.min() + HIDE_FRACTION * (q.max() - q.min())
+    image[box][hide] = 0
+    return int(hide.sum())
+
+
+def mean_area(hidden: list[int]) -> float:
+    """The rectangles' area: the mean of the pixels hidden in the adaptive slices (0: no rectangle)."""
+    return float(np.mean(hidden)) if hidden else 0.0
+
+
+def hide_rectangle(image: np.ndarray, area: float, rng: np.random.Generator) -> None:
+    """Set to 0, in place, a rectangle of about ``area`` pixels (none for 0) at a random place of ``image``
+    (H, W), of random aspect ratio (1:2 to 2:1)."""
+    if area <= 0:
+        return
     height, width = image.shape
     aspect = np.exp(rng.uniform(np.log(0.5), np.log(2.0)))
     rows = int(np.clip(round(np.sqrt(area * aspect)), 1, height))

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..readers import VOLUME_SUFFIXES
 from ..volume import Volume
 
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 LIST_SUFFIXES = (".csv", ".txt")
 PATH_COLUMNS = ("image", "path", "image_path")
 
@@ -60,19 +60,7 @@ def list_cohort(cohort: str | Path) -> list[Case]:
 
 
 def _read_list(list_file: Path) -> list[Path]:
-    with open(list_file, newline="") as handle:
-        if list_file.suffix.lower() == ".csv":
-            rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
-            header = [cell.strip().lower() for cell in rows[0]] if rows else []
-            column = next((header.index(name) for name in PATH_COLUMNS if name in header), None)
-            if column is None:
-                entries = [row[0].strip() for row in rows]
-            else:
-                entries = [row[column].strip() for row in rows[1:] if len(row) > column]
-        else:
-            entries = [line.strip() for line in handle]
-            entries = [entry for entry in entries if entry and not entry.startswith("#")]
-    paths = [Path(entry).expanduser() for entry in entries]
+    paths = [Path(entry).expanduser() for entry in read_list_column(list_file, PATH_COLUMNS)]
     paths = [path if path.is_absolute() else list_file.parent / path for path in paths]
     missing = [str(path) for path in paths if not path.exists()]
     if missing:
@@ -82,21 +70,29 @@ def _read_list(list_file: Path) -> list[Path]:
 
 
 def read_case_list(path: Path, option: str = "--cases") -> list[str]:
-    """Case ids from a text file (one per line, ``#`` starts a comment) or a CSV (the column headed case_id,
-    else the first column of every row); ``option`` names the file in error messages."""
+    """Case ids from a list file (`read_list_column`, the CSV column headed case_id); ``option`` names the
+    file in error messages."""
     if not path.is_file():
         raise InputError(f"{option} {path}: no such file")
-    with open(path, newline="") as handle:
-        if path.suffix.lower() == ".csv":
-            rows = [[cell.strip() for cell in row] for row in csv.reader(handle)]
-            header = bool(rows) and "case_id" in rows[0]
-            column = rows[0].index("case_id") if header else 0
-            ids = [row[column] for row in rows[1 if header else 0:] if len(row) > column and row[column]]
-        else:
-            ids = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+    ids = read_list_column(path, ("case_id",))
     if not ids:
         raise InputError(f"{option} {path}: lists no case id")
     return ids
+
+
+def read_list_column(path: Path, headers: tuple[str, ...]) -> list[str]:
+    """The entries of a list file: a text file, one per line (``#`` starts a comment line), or a CSV: the
+    column whose header (any case) is the first of ``headers`` present, else the first column of every row
+    (no header). Blank entries are left out; cells are stripped."""
+    with open(path, newline="") as handle:
+        if path.suffix.lower() != ".csv":
+            return [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
+        rows = [[cell.strip() for cell in row] for row in csv.reader(handle)]
+    header = [cell.lower() for cell in rows[0]] if rows else []
+    column = next((header.index(name) for name in headers if name in header), None)
+    body = rows if column is None else rows[1:]
+    column = column or 0
+    return [row[column] for row in body if len(row) > column and row[column]]
 
 
 def _unique_ids(paths: list[Path]) -> list[str]:

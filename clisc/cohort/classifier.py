@@ -16,6 +16,7 @@ from scipy import ndimage
 from skimage.filters import threshold_isodata, threshold_otsu
 from torch import nn
 
+from ..components import keep_components
 from ..errors import InputError
 from ..models.loaders import load_checkpoint
 from ..progress import CancelToken, ProgressCallback, no_progress
@@ -30,22 +31,28 @@ def build_classifier(pretrained_path: str | Path | None = None, seed: int = 0) -
     """ResNet-50 with a 2-class head: logits (B, 2) of images (B, 3, S, S).
 
     Args:
-        pretrained_path: a torchvision ResNet-50 state dict (ImageNet weights, read with
-            ``weights_only=True``) for the backbone; None for random weights.
-        seed: seeds the random initialisation (the head always; the backbone without ``pretrained_path``),
-            without touching the global random state.
+        pretrained_path: a state dict (read with ``weights_only=True``): a torchvision ResNet-50's (ImageNet
+            weights) for the backbone, the head new; or a slice classifier's, head included (a run's
+            classifier/classifier.pt: training continues from it). None for random weights.
+        seed: seeds the random initialisation (of what the state dict does not give), without touching the
+            global random state.
     """
     tv = import_torchvision()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = tv.models.resnet50(weights=None)
-        if pretrained_path is not None:
+        head = nn.Sequential(nn.Linear(2048, 256), nn.ReLU(), nn.Dropout(0.5), nn.Linear(256, 2))
+        state = load_checkpoint(Path(pretrained_path)) if pretrained_path is not None else None
+        with_head = state is not None and "fc.0.weight" in state
+        if with_head:
+            model.fc = head
+        if state is not None:
             try:
-                model.load_state_dict(load_checkpoint(Path(pretrained_path)))
+                model.load_state_dict(state)
             except RuntimeError as error:
-                raise InputError(f"{pretrained_path}: not a torchvision ResNet-50 state dict "
-                                 f"({str(error).splitlines()[0][:200]})") from None
-        model.fc = nn.Sequential(nn.Linear(2048, 256), nn.ReLU(), nn.Dropout(0.5), nn.Linear(256, 2))
+                raise InputError(f"{pretrained_path}: neither a torchvision ResNet-50 state dict nor a CLISC slice "
+                                 f"classifier ({str(error).splitlines()[0][:200]})") from None
+        model.fc = head
     return model
 
 
@@ -66,13 +73,13 @@ def train_classifier(model: nn.Module, images_uint8: np.ndarray, labels: np.ndar
     """Train in place with cross-entropy, Adam(``lr``) and StepLR(7 epochs, ×0.1), as the paper.
 
     Args:
-        images_uint8: (N, H, W) uint8 slices; labels: (N,) int in {0, 1}.
+        images_uint8: (N, H, W) uint8 slices, an array or anything that indexes like one (a batch of rows is
+            read at a time, so a memory-mapped file never has to fit in memory); labels: (N,) int in {0, 1}.
         seed: seeds the shuffling (a ``torch.Generator``) and dropout.
 
     Returns:
         The mean training loss of each epoch.
     """
-    images = torch.as_tensor(np.ascontiguousarray(images_uint8))
     targets = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     model.to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -82,18 +89,19 @@ def train_classifier(model: nn.Module, images_uint8: np.ndarray, labels: np.ndar
     losses = []
     for epoch in range(epochs):
         total = 0.0
-        for batch in _batches(len(images), batch_size, generator):
+        for batch in _batches(len(targets), batch_size, generator):
             if cancel is not None:
                 cancel.raise_if_cancelled()
-            logits = model(to_input(images[batch].to(device), image_size))
+            images = torch.as_tensor(np.asarray(images_uint8[batch.numpy()]))
+            logits = model(to_input(images.to(device), image_size))
             loss = F.cross_entropy(logits, targets[batch].to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch)
         scheduler.step()
-        losses.append(total / len(images))
-        progress("classifier", epoch + 1, epochs, f"loss {losses[-1]:.4f}")
+        losses.append(total / len(targets))
+        progress("classifier", epoch + 1, epochs, f"loss {losses[-1]:.4f}", epoch=epoch + 1, loss=losses[-1])
     model.eval()
     return losses
 
@@ -179,8 +187,4 @@ def postprocess_cams(cams: np.ndarray, body_mask: np.ndarray, positive: np.ndarr
         return np.zeros(cams.shape, dtype=bool)
     cut = threshold_otsu(values) if method == "otsu" else threshold_isodata(values)
     mask = ndimage.binary_opening((cams > cut) & region, structure=FULL_3D)
-    components, count = ndimage.label(mask, structure=FULL_3D)
-    if count == 0:
-        return mask
-    sizes = np.bincount(components.ravel())[1:]
-    return np.isin(components, np.flatnonzero(sizes * 3 >= sizes.max()) + 1)
+    return keep_components(mask, lambda sizes: sizes * 3 >= sizes.max())

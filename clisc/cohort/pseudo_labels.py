@@ -9,13 +9,13 @@ import numpy as np
 
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..prompts import SamPrompt
-from ..sam import SliceSegmenter
+from ..protocols import SliceSam
 from .cases import minmax_slices, to_uint8
 
 BRIGHT_FRACTION = 0.6
 
 
-def sam_pseudo_label(segmenter: SliceSegmenter, slices: np.ndarray, cam_masks: np.ndarray,
+def sam_pseudo_label(segmenter: SliceSam, slices: np.ndarray, cam_masks: np.ndarray,
                      box_dilation: int = 10, progress: ProgressCallback = no_progress,
                      cancel: CancelToken | None = None) -> np.ndarray:
     """SAM's mask on every slice with a non-empty CAM mask; the other slices stay empty.

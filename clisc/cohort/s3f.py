@@ -18,8 +18,8 @@ import numpy as np
 
 from ..metrics import dice
 from ..progress import CancelToken, ProgressCallback, no_progress
-from ..prompts import largest_components
-from ..sam import SliceSegmenter
+from ..components import largest_components
+from ..protocols import SliceSam
 from ..writers import write_bytes
 from .pseudo_labels import sam_pseudo_label
 
@@ -37,7 +37,7 @@ class S3FRow:
     kept: bool
 
 
-def self_consistency(prediction: np.ndarray, slices: np.ndarray, segmenter: SliceSegmenter,
+def self_consistency(prediction: np.ndarray, slices: np.ndarray, segmenter: SliceSam,
                      body: Optional[np.ndarray] = None, progress: ProgressCallback = no_progress,
                      cancel: Optional[CancelToken] = None) -> tuple[np.ndarray, Optional[float]]:
     """``(S, Dice(Ŝ, S))`` for one volume.

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..clip_scoring import ClipScorer
+from ..protocols import SliceScorer
 
 NORMAL_TEMPLATE = ("an image of {organ}tissue showing typical signal intensity without any regions of abnormal "
                    "intensity or suspicious mass")
@@ -24,7 +24,7 @@ def default_prompts(target: str) -> tuple[str, str]:
     return NORMAL_TEMPLATE.format(organ=organ), ABNORMAL_TEMPLATE.format(organ=organ, article=article, lesion=lesion)
 
 
-def clip_slice_labels(scorer: ClipScorer, slices_uint8: np.ndarray, normal: str, abnormal: str,
+def clip_slice_labels(scorer: SliceScorer, slices_uint8: np.ndarray, normal: str, abnormal: str,
                       threshold: float = 0.6, window: int = 5, max_gap: int = 6, min_neighbours: int = 8,
                       batch_size: int = 32) -> np.ndarray:
     """CLIP's label of each slice of one volume.

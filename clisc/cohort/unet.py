@@ -21,9 +21,11 @@ from monai.losses import DiceCELoss
 from monai.networks.nets import UNet
 from monai.transforms import Compose, RandCropByPosNegLabeld, RandFlipd, RandRotate90d, SpatialPadd
 from monai.utils import convert_to_tensor
+from torch.utils.data import DataLoader, Dataset
 
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback, no_progress
+from ..protocols import SegmentationNetwork
 from ..writers import atomic_path
 from . import distributed
 
@@ -73,9 +75,36 @@ def epoch_order(count: int, global_batch: int, seed: int, epoch: int) -> np.ndar
 def _sample(case: tuple, transforms: Compose, seed: int, epoch: int, position: int) -> tuple:
     image, label = case
     transforms.set_random_state(seed=int(np.random.SeedSequence([seed, epoch, position]).generate_state(1)[0]))
-    patch = transforms({"image": image[None], "label": label[None].astype(np.uint8)})[0]
+    patch = transforms({"image": np.asarray(image)[None], "label": np.asarray(label)[None].astype(np.uint8)})[0]
     return (convert_to_tensor(patch["image"], track_meta=False),
             convert_to_tensor(patch["label"], track_meta=False))
+
+
+class PatchStream(Dataset):
+    """The patches one rank trains on from epoch ``first`` to the last, in training order: item n is the patch
+    of epoch ``first + n // per_epoch`` at this rank's n-th position of that epoch (`epoch_order`), a pair
+    (image (1, P, P, P) float32, label (1, P, P, P) uint8). Every patch is a function of (seed, epoch,
+    position), so `DataLoader` workers may cut them in any order and process."""
+
+    def __init__(self, cases: Sequence[tuple], patch_size: int, batch_size: int, seed: int, first: int,
+                 epochs: int) -> None:
+        self.cases, self.batch_size, self.seed, self.first, self.epochs = cases, batch_size, seed, first, epochs
+        self.transforms = patch_transforms(patch_size)
+        self.rank, self.global_batch = distributed.rank(), batch_size * distributed.world_size()
+        self.steps = -(-len(cases) // self.global_batch)
+
+    @property
+    def per_epoch(self) -> int:
+        return self.steps * self.batch_size
+
+    def __len__(self) -> int:
+        return (self.epochs - self.first) * self.per_epoch
+
+    def __getitem__(self, n: int) -> tuple:
+        epoch, k = self.first + n // self.per_epoch, n % self.per_epoch
+        position = (k // self.batch_size) * self.global_batch + self.rank * self.batch_size + k % self.batch_size
+        order = epoch_order(len(self.cases), self.global_batch, self.seed, epoch)
+        return _sample(self.cases[order[position]], self.transforms, self.seed, epoch, position)
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -87,17 +116,20 @@ def save_checkpoint(path: Path, state: dict) -> None:
 def train_unet(cases: Sequence[tuple[np.ndarray, np.ndarray]], epochs: int, patch_size: int = 128,
                batch_size: int = 2, device: str | torch.device = "cpu", progress: ProgressCallback = no_progress,
                cancel: Optional[CancelToken] = None, seed: int = 0, checkpoint_dir: Optional[Path] = None,
-               resume: bool = False, stage: str = "unet") -> tuple[UNet, list[float]]:
+               resume: bool = False, stage: str = "unet", loader_workers: int = 0) -> tuple[UNet, list[float]]:
     """Train a new U-Net on (image, label) pairs.
 
     Args:
-        cases: (image (K, J, I) float32 pre-processed, label (K, J, I) bool) per case; sizes may differ.
+        cases: (image (K, J, I) float32 pre-processed, label (K, J, I) bool) per case; sizes may differ. Any
+            sequence: a lazy one reads a case when a patch is cut from it.
         epochs: passes over the cases (one random patch per case each).
         batch_size: patches per optimiser step (per process under DDP).
         checkpoint_dir: where ``last.pt`` (model, optimiser, finished epochs, losses) is written after each
             epoch (by rank 0); None for no checkpoints.
         resume: continue from ``checkpoint_dir/last.pt`` when it exists.
-        stage: the stage name given to ``progress(stage, epoch, epochs, "loss X")``.
+        stage: the stage name given to ``progress(stage, epoch, epochs, "loss X", epoch=, loss=)``.
+        loader_workers: processes cutting patches ahead of the optimiser (0: in this process). The patches,
+            and so the trained weights, are the same for any number.
 
     Returns:
         ``(model, losses)``: the trained model (eval mode, on ``device``) and the mean loss of every epoch.
@@ -116,21 +148,21 @@ def train_unet(cases: Sequence[tuple[np.ndarray, np.ndarray]], epochs: int, patc
         optimizer.load_state_dict(state["optimizer"])
         losses = list(state["losses"])
     network = distributed.wrap(model)
-    transforms = patch_transforms(patch_size)
     loss_function = DiceCELoss(to_onehot_y=True, softmax=True)
-    rank, global_batch = distributed.rank(), batch_size * distributed.world_size()
+    patches = PatchStream(cases, patch_size, batch_size, seed, len(losses), epochs)
+    loader = DataLoader(patches, batch_size=batch_size, num_workers=loader_workers,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if loader_workers else None)
+    batches = iter(loader)
     for epoch in range(len(losses), epochs):
         for group in optimizer.param_groups:
             group["lr"] = LEARNING_RATE * (1 - epoch / epochs) ** POLY_POWER
         network.train()
-        order = epoch_order(len(cases), global_batch, seed, epoch)
         step_losses = []
-        for start in range(0, len(order), global_batch):
+        for _ in range(patches.steps):
             if cancel is not None:
                 cancel.raise_if_cancelled()
-            positions = range(start + rank * batch_size, start + (rank + 1) * batch_size)
-            images, labels = zip(*(_sample(cases[order[p]], transforms, seed, epoch, p) for p in positions))
-            loss = loss_function(network(torch.stack(images).to(device)), torch.stack(labels).to(device))
+            images, labels = next(batches)
+            loss = loss_function(network(images.to(device)), labels.to(device))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -139,7 +171,7 @@ def train_unet(cases: Sequence[tuple[np.ndarray, np.ndarray]], epochs: int, patc
         if checkpoint is not None and distributed.is_main():
             save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                          "epoch": epoch + 1, "losses": losses, "patch_size": patch_size})
-        progress(stage, epoch + 1, epochs, f"loss {losses[-1]:.4f}")
+        progress(stage, epoch + 1, epochs, f"loss {losses[-1]:.4f}", epoch=epoch + 1, loss=losses[-1])
     return model.eval(), losses
 
 
@@ -153,7 +185,7 @@ def load_unet(path: str | Path, device: str | torch.device = "cpu") -> UNet:
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, image: np.ndarray, patch_size: int = 128,
+def predict(model: SegmentationNetwork, image: np.ndarray, patch_size: int = 128,
             device: str | torch.device = "cpu", overlap: float = 0.5, progress: ProgressCallback = no_progress,
             cancel: Optional[CancelToken] = None) -> np.ndarray:
     """Foreground mask (K, J, I) bool of a pre-processed image (K, J, I) float32 by sliding-window inference
@@ -161,7 +193,7 @@ def predict(model: torch.nn.Module, image: np.ndarray, patch_size: int = 128,
     Reports ``progress("apply", batches done, batches, "")`` and checks ``cancel`` before each batch of windows."""
     device = torch.device(device)
     model.to(device).eval()
-    inputs = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)[None, None].to(device)
+    inputs = torch.tensor(np.asarray(image), dtype=torch.float32)[None, None].to(device)
     window_batch = 2
     batches = -(-_window_count(image.shape, patch_size, overlap) // window_batch)
     done = 0

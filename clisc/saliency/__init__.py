@@ -7,6 +7,8 @@ leave the model as they found it.
 """
 from __future__ import annotations
 
+from typing import Mapping, Optional
+
 import torch
 
 from ..errors import InputError
@@ -32,4 +34,30 @@ def compute_saliency(
     return function(model, images, text_embeddings, **options)
 
 
-__all__ = ["METHODS", "compute_saliency", "gradcam_saliency", "gscorecam_saliency", "m2ib_saliency"]
+class ClipSaliency:
+    """One of :data:`METHODS` bound to a CLIP model and its settings (a `clisc.protocols.SaliencyMethod`).
+
+    Args:
+        method: the method's name.
+        model: the open_clip model, on the device the images will be on.
+        options: the method's keyword settings (e.g. M2IB's ``steps``), β excepted: it comes with each call.
+        autocast_dtype: dtype for the forward passes under autocast, or None for full precision.
+    """
+
+    def __init__(self, method: str, model: torch.nn.Module, options: Optional[Mapping[str, float]] = None,
+                 autocast_dtype: Optional[torch.dtype] = None) -> None:
+        self.method = method
+        self.model = model
+        self.options = dict(options or {})
+        self.autocast_dtype = autocast_dtype
+
+    def __call__(self, images: torch.Tensor, text_embeddings: torch.Tensor, beta: float) -> torch.Tensor:
+        """Maps (B, S, S) float32 in [0, 1] on the CPU of images (B, 3, S, S) for text embeddings (1, E) or
+        (B, E); ``beta`` reaches M2IB only."""
+        options = dict(self.options, beta=beta) if self.method == "m2ib" else self.options
+        return compute_saliency(self.method, self.model, images, text_embeddings,
+                                autocast_dtype=self.autocast_dtype, **options)
+
+
+__all__ = ["METHODS", "ClipSaliency", "compute_saliency", "gradcam_saliency", "gscorecam_saliency",
+           "m2ib_saliency"]

@@ -1,0 +1,145 @@
+"""`ZeroShotSegmenter`: the zero-shot pipeline's models and the order of its stages (`stages`)."""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .. import deviations
+from ..clip_scoring import POSITIVE_TEMPLATES, ClipScorer
+from ..models.loaders import load_clip, load_sam
+from ..precision import dtype_of
+from ..profiles import Profile
+from ..progress import CancelToken, ProgressCallback, no_progress
+from ..protocols import SaliencyMethod, SliceSam, SliceScorer
+from ..result import SegmentResult, resolve_device
+from ..saliency import ClipSaliency
+from ..volume import Volume
+from .options import SegmentOptions, check_options, check_prompts, prompt_profile
+from .stages import (
+    candidate_slices,
+    keep_3d,
+    percentile_window_uint8,
+    saliency_maps,
+    sam_masks,
+    select_slices,
+    slice_prompts,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class ZeroShotSegmenter:
+    """The zero-shot pipeline with its models loaded; `segment` runs it on one volume.
+
+    Args:
+        options: the run's parameters (see `preset_options`).
+        clip, sam: loaded models (`clisc.models.loaders.load_clip` / `load_sam`); loaded from ``options.clip``
+            / ``options.sam`` when omitted and not built below.
+        scorer: CLIP for the slice gate and the saliency grid; default a `ClipScorer` of ``clip``.
+        slice_sam: SAM on slices; default a `clisc.sam.SliceSegmenter` of ``sam``.
+        saliency: the saliency method; default ``options.saliency`` on the scorer's CLIP model (a `ClipScorer`).
+    """
+
+    def __init__(self, options: SegmentOptions, clip=None, sam=None, *, scorer: Optional[SliceScorer] = None,
+                 slice_sam: Optional[SliceSam] = None, saliency: Optional[SaliencyMethod] = None) -> None:
+        if (clip is not None and scorer is not None) or (sam is not None and slice_sam is not None):
+            raise ValueError("give a loaded model or the object built on it (clip or scorer, sam or slice_sam)")
+        self.options = options
+        self.device = resolve_device(options.device)
+        if scorer is None:
+            scorer = ClipScorer(clip or load_clip(options.clip), self.device, dtype_of(options.clip_precision, "CLIP"))
+        if slice_sam is None:
+            from ..sam import SliceSegmenter  # imports torchvision: only when SAM is built here
+
+            sam = (sam or load_sam(options.sam)).to(self.device)
+            slice_sam = SliceSegmenter(sam, dtype_of(options.sam_precision, "SAM"), options.sam_batch_size)
+        if saliency is None:
+            saliency = ClipSaliency(options.saliency, scorer.model, options.saliency_options, scorer.autocast_dtype)
+        self.scorer, self.sam, self.saliency = scorer, slice_sam, saliency
+
+    def segment(self, volume: Volume, prompts: Sequence[str], progress: ProgressCallback = no_progress,
+                cancel: Optional[CancelToken] = None) -> SegmentResult:
+        """Masks and saliency maps of each prompt on ``volume``'s grid (K, J, I), and the run's report."""
+        options, cancel = self.options, cancel or CancelToken()
+        prompts = check_prompts(prompts)
+        torch.manual_seed(options.seed)  # M2IB's noise and any other torch sampling
+        axis = check_options(volume, options)
+        profiles, profile_reports = zip(*(prompt_profile(options, p, min(volume.array.shape) == 1) for p in prompts))
+        slices = np.moveaxis(percentile_window_uint8(volume.array), axis, 0)  # (N, H, W)
+        candidates = candidate_slices(slices, options.slices)
+        if not candidates.any():
+            logger.warning("%s: no slice has any contrast; the segments are empty", volume.source or "volume")
+        timings: Dict[str, float] = {}
+
+        with _timed(timings, "relevance"):
+            images = self.scorer.images(slices[candidates]) if candidates.any() else None
+            texts = [self.scorer.prompt_embedding(p) for p in prompts]
+            relevance, selected = select_slices(
+                self.scorer, images, texts, candidates,
+                options.negative_prompts if options.slices == "auto" else None,
+                options.relevance_threshold, options.relevance_smoothing)
+        for prompt, chosen in zip(prompts, selected):
+            if candidates.any() and not chosen.any():
+                logger.warning("no slice is relevant to %r; its segment is empty (try --slices all)", prompt)
+        with _timed(timings, "saliency"):
+            saliency = saliency_maps(self.saliency, self.scorer, images, candidates, selected, texts,
+                                     [p.beta for p in profiles], slices.shape[1:], prompts, progress, cancel)
+        sam_prompts = slice_prompts(saliency, selected, profiles, options.coarse_method, options.positive_points,
+                                    options.negative_points, options.seed)
+        with _timed(timings, "sam"):
+            masks = sam_masks(self.sam, slices, sam_prompts, len(prompts), progress, cancel)
+        voxel_mm3 = float(np.prod(volume.spacing))
+        volume_masks = [np.moveaxis(keep_3d(m, profile, voxel_mm3), 0, axis) for m, profile in zip(masks, profiles)]
+
+        report = {
+            "input": volume.source,
+            "shape_kji": list(volume.array.shape),
+            "axis": int(axis),
+            "prompts": prompts,
+            "options": asdict(options),
+            "profiles": dict(zip(prompts, profile_reports)),
+            "slice_gate": self.slice_gate(),
+            "deviations": self.deviations(profiles),
+            "relevance": {p: relevance[n].round(4).tolist() for n, p in enumerate(prompts)},
+            "selected_slices": {p: np.flatnonzero(selected[n]).tolist() for n, p in enumerate(prompts)},
+            "sam_prompts": {p: {str(i): sam_prompts[i][n].as_dict() for i in sam_prompts if n in sam_prompts[i]}
+                            for n, p in enumerate(prompts)},
+            "slices_embedded": len(sam_prompts),
+            "sam_box_prompts_only": self.sam.box_prompts_only,  # points given with a box were not sent to SAM
+            "seconds": {k: round(v, 3) for k, v in timings.items()},
+            "device": str(self.device),
+        }
+        return SegmentResult(volume_masks, prompts, [np.moveaxis(s, 0, axis) for s in saliency], report)
+
+    def slice_gate(self) -> Optional[dict]:
+        """What the slice-relevance gate used (None when ``--slices`` is not auto)."""
+        if self.options.slices != "auto":
+            return None
+        return {"what": deviations.SLICE_GATE, "positive_templates": list(POSITIVE_TEMPLATES),
+                "negative_prompts": list(self.options.negative_prompts),
+                "threshold": self.options.relevance_threshold, "smoothing_slices": self.options.relevance_smoothing}
+
+    def deviations(self, profiles: Sequence[Profile]) -> List[str]:
+        """The departures from the papers and reference code that applied to this run."""
+        notes = [f"{name}: {text}" for name, text in deviations.ZERO_SHOT.items()]
+        if self.options.slices == "auto":
+            notes.append(deviations.SLICE_GATE)
+        if self.options.saliency == "gscorecam":
+            notes.append(deviations.GSCORECAM)
+        if self.sam.box_prompts_only and any(p.prompt_type == "both" for p in profiles):
+            notes.append(deviations.BOX_ONLY_SAM)
+        return notes
+
+
+@contextmanager
+def _timed(timings: Dict[str, float], stage: str) -> Iterator[None]:
+    """Adds the seconds the block takes to ``timings[stage]``."""
+    started = time.perf_counter()
+    yield
+    timings[stage] = time.perf_counter() - started
