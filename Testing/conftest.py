@@ -33,6 +33,17 @@ def save_abnormal_classifier(path: Path) -> Path:
     return path
 
 
+def oblique_ijk_to_ras(degrees=30.0, spacing=(0.9, 1.1, 2.5), flip=(1, 1, 1)) -> np.ndarray:
+    """IJK→RAS rotated about R then S by ``degrees``, with the given spacing and axis flips."""
+    a = np.radians(degrees)
+    about_r = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    about_s = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    matrix = np.eye(4)
+    matrix[:3, :3] = about_s @ about_r @ np.diag(np.multiply(spacing, flip))
+    matrix[:3, 3] = (-40.0, 25.5, 60.0)
+    return matrix
+
+
 def slicer_module(name: str):
     """Our Slicer module file ``name`` ("CLISCSegment"), or a module of the CLISCLib package they share
     ("CLISCLib.jobs"), on headless MRML (see slicer_stubs); skips when slicer-core is absent."""

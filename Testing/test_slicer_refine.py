@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import slicer_module
+from conftest import oblique_ijk_to_ras, slicer_module
 
 from clisc.errors import Cancelled, InputError
 from clisc.progress import CancelToken
@@ -76,20 +76,10 @@ class DiscSegmenter:
         return torch.zeros(1, 256, 256)
 
 
-def oblique_ijk_to_ras(degrees=25.0, spacing=(0.9, 1.1, 2.5), flip=(1, 1, 1)) -> np.ndarray:
-    a = np.radians(degrees)
-    about_r = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    about_s = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-    matrix = np.eye(4)
-    matrix[:3, :3] = about_s @ about_r @ np.diag(np.multiply(spacing, flip))
-    matrix[:3, 3] = (-40.0, 25.5, 60.0)
-    return matrix
-
-
 GEOMETRIES = {"axis-aligned": np.diag([0.8, 0.8, 2.0, 1.0]),
               "flipped": np.diag([-0.8, 0.8, -2.0, 1.0]),
-              "oblique": oblique_ijk_to_ras(),
-              "oblique flipped": oblique_ijk_to_ras(flip=(-1, 1, -1))}
+              "oblique": oblique_ijk_to_ras(25.0),
+              "oblique flipped": oblique_ijk_to_ras(25.0, flip=(-1, 1, -1))}
 
 
 def scene_with_segments(ijk_to_ras, shape=(5, 40, 48)):

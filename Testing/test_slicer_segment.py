@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import shared_data, slicer_module
+from conftest import oblique_ijk_to_ras, shared_data, slicer_module
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
@@ -36,17 +36,6 @@ from clisc.zeroshot import ZeroShotSegmenter, preset_options
 ROOT = Path(__file__).resolve().parents[1]
 # The same run for the module and for the engine: cheap saliency, every slice, CPU.
 RUN = dict(preset="fast", device="cpu", saliency="gradcam", slices="all")
-
-
-def oblique_ijk_to_ras(degrees=30.0, spacing=(0.9, 1.1, 2.5), flip=(1, 1, 1)) -> np.ndarray:
-    """IJK→RAS rotated about R then S by ``degrees``, with the given spacing and axis flips."""
-    a = np.radians(degrees)
-    about_r = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
-    about_s = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-    matrix = np.eye(4)
-    matrix[:3, :3] = about_s @ about_r @ np.diag(np.multiply(spacing, flip))
-    matrix[:3, 3] = (-40.0, 25.5, 60.0)
-    return matrix
 
 
 def synthetic_array(shape=(2, 96, 96)) -> np.ndarray:
