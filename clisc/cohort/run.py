@@ -205,11 +205,11 @@ class CohortRun:
         """Pre-process into the run folder each of ``cases`` not stored yet (this rank's share), reporting
         progress as ``stage``; a case that cannot be read or pre-processed is skipped at stage "load". Returns
         every case stored (on disk: nothing is kept in memory)."""
-        mine = distributed.shard(cases)
+        mine, skipped = distributed.shard(cases), self.folder.skipped()
         for n, case in enumerate(mine):
             self._check_cancel()
             folder = self.folder.preprocessed(case.case_id)
-            if not is_stored(folder) and case.case_id not in self.folder.skipped():
+            if not is_stored(folder) and case.case_id not in skipped:
                 try:
                     store_case(case, folder)
                 except Exception as error:  # noqa: BLE001 - any unreadable case is reported and skipped
