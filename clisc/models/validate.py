@@ -132,8 +132,18 @@ def check_weights(entry: ModelEntry, path: Path) -> None:
         {"sam": _check_sam, "classifier": _check_classifier}[entry.family](Path(path), entry.architecture)
 
 
+def check_sam_file(path: Path) -> None:
+    """InputError naming the file unless it is a SAM checkpoint whose tensors fit the architecture they show
+    (vit_b/l/h or LiteMedSAM). The tensors are mapped from the file, not read: a check before any model loads."""
+    try:
+        architecture = sam_architecture(load_checkpoint(path, mmap=True))
+    except InputError as error:
+        raise InputError(f"{path}: {error}" if str(path) not in str(error) else str(error)) from None
+    _check_sam(Path(path), architecture)
+
+
 def _check_sam(path: Path, architecture: str) -> None:
-    state_dict = load_checkpoint(path)
+    state_dict = load_checkpoint(path, mmap=True)
     # Built without memory on the meta device; TinyViT's constructor reads tensor values, but it is small.
     with _quietly(), torch.device("cpu" if architecture == "litemedsam" else "meta"):
         model = build_sam(architecture)
