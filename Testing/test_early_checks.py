@@ -91,7 +91,10 @@ def test_a_bad_clip_folder_is_named_before_any_model_loads(models, no_model_load
     assert said in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("array, shape", [(np.zeros((4, 16, 16)), "16 × 16 × 4"), (np.ones((1, 1, 1)), "1 × 1 × 1")])
+@pytest.mark.parametrize("array, shape", [
+    (np.zeros((4, 16, 16)), "16 × 16 × 4"),
+    (np.ones((1, 1, 1)), "1 × 1 × 1"),
+])
 def test_a_volume_without_contrast_is_refused_before_any_model_loads(clisc_home, no_model_loads, tmp_path, array,
                                                                      shape, capsys):
     """With the default models, not installed: the volume is refused before they are looked for."""

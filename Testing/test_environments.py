@@ -171,4 +171,5 @@ def test_installing_clisc_keeps_the_users_cpu_torch(tmp_path):
     assert cuda == "None", "torch must still be the CPU build"
     # A user's own script imports torchvision and open_clip, whichever torchvision pip could get (install.sh's
     # .pth file where the builds mismatch).
-    run(python, "-c", "import open_clip, torchvision, torch; torchvision.ops.nms(torch.zeros(1, 4), torch.ones(1), 0.5)")
+    run(python, "-c", "import open_clip, torchvision, torch; "
+                      "torchvision.ops.nms(torch.zeros(1, 4), torch.ones(1), 0.5)")

@@ -15,8 +15,8 @@ from typing import List, Optional
 
 from . import __version__
 from .environment import check_environment
-from .models.commands import add_models_command
 from .errors import Cancelled, InputError
+from .models.commands import add_models_command
 from .profiles import PROFILES, PROMPT_TYPES
 
 logger = logging.getLogger("clisc")

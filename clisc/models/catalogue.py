@@ -6,7 +6,7 @@ commit, never at ``main``, so that what is downloaded cannot change under a publ
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 
@@ -33,7 +33,7 @@ class ModelEntry:
     packaged: Optional[str] = None  # the checkpoint as shipped in a Python package: "package/path/in/package"
     # CLIP: the open_clip_config.json its folder must describe (`validate.clip_config_differences`); None: open_clip's
     # built-in model config named `architecture`, with OpenAI's pixel mean and std.
-    open_clip_config: Optional[dict] = None
+    open_clip_config: Optional[dict] = field(default=None, hash=False)
 
 
 # Meta publishes no sha256. The 6 hex digits in the SAM file names are the start of the file's md5: the full md5s
