@@ -222,11 +222,11 @@ def test_png_image_and_one_slice_volume(tiny_models):
     assert result.report["axis"] == 0 and result.report["slices_embedded"] == 1
 
 
-def test_blank_or_non_finite_volume_gives_empty_segments_with_a_warning(tiny_models, caplog):
+def test_blank_volume_is_refused_and_non_finite_values_are_windowed(tiny_models):
     segmenter = ZeroShotSegmenter(preset_options("fast", saliency="gradcam", slices="all"), *tiny_models)
     zeros = Volume(np.zeros((3, 32, 32), np.float32), np.eye(4))
-    result = segmenter.segment(zeros, ["brain tumor"])
-    assert not result.masks[0].any() and "no slice has any contrast" in caplog.text
+    with pytest.raises(InputError, match="no slice has any contrast"):
+        segmenter.segment(zeros, ["brain tumor"])
     array = np.random.default_rng(0).normal(size=(2, 32, 32)).astype(np.float32)
     array[0, :4] = np.nan
     array[1, :4] = np.inf

@@ -16,69 +16,10 @@ from typing import List, Optional
 from . import __version__
 from .environment import check_environment
 from .errors import Cancelled, InputError
+from .models.commands import add_models_command
 from .profiles import PROFILES, PROMPT_TYPES
 
 logger = logging.getLogger("clisc")
-
-
-def _models_list(args: argparse.Namespace) -> None:
-    from .models.cache import is_installed, model_dir
-    from .models.catalogue import CATALOGUE
-
-    print(f"{'name':<18} {'family':<10} {'architecture':<20} {'size':>19}  {'sha256':<9} {'installed':<9} licence")
-    for entry in CATALOGUE:
-        size_text = _models_size_text(entry)
-        published = sum(f.sha256 is not None for f in entry.files)
-        pinned = (model_dir(entry.name) / "pinned_sha256.json").is_file()
-        hashes = ("published" if published == len(entry.files) else "pinned" if pinned
-                  else "partial" if published else "unknown")
-        installed = "yes" if is_installed(entry) else "no"
-        print(f"{entry.name:<18} {entry.family:<10} {entry.architecture:<20} {size_text:>19}  {hashes:<9} "
-              f"{installed:<9} {entry.licence}")
-
-
-def _models_size_text(entry) -> str:
-    """The installed size when the model is installed, else the published size when every file has one, else ?."""
-    from .models.cache import installed_size, is_installed
-
-    if is_installed(entry):
-        size, source = installed_size(entry.name), "installed"
-    elif all(f.size is not None for f in entry.files):
-        size, source = sum(f.size for f in entry.files), "published"
-    else:
-        return "?"
-    return f"{size / 1e9:.2f} GB {source}" if size >= 1e9 else f"{size / 1e6:.0f} MB {source}"
-
-
-def _models_download(args: argparse.Namespace) -> None:
-    from .models.cache import download_model
-    from .progress import TqdmProgress
-
-    progress = TqdmProgress()
-    try:
-        path = download_model(args.name, progress=progress)
-    finally:
-        progress.close()
-    print(path)
-
-
-def _models_import(args: argparse.Namespace) -> None:
-    from .models.cache import import_model
-
-    print(import_model(args.name, args.file))
-
-
-def _models_forget(args: argparse.Namespace) -> None:
-    from .models.cache import remove_model
-
-    removed = remove_model(args.name)
-    print("\n".join(f"removed {path}" for path in removed) or f"model '{args.name}' is not installed; nothing removed")
-
-
-def _models_path(args: argparse.Namespace) -> None:
-    from .models.cache import clisc_home, model_path
-
-    print(model_path(args.name) if args.name else clisc_home() / "models")
 
 
 def _check_outputs(source: str, outputs: List[Optional[str]], overwrite: bool) -> None:
@@ -167,10 +108,10 @@ def _segment(args: argparse.Namespace) -> None:
         negative_prompts=tuple(check_prompts(args.negative_prompt)) if args.negative_prompt else None)
     volume = read_volume(args.input, series_uid=args.series)
     check_options(volume, options)
+    _prepare_models(args, [(options.clip, "clip"), (options.sam, "sam")])
     segmenter = ZeroShotSegmenter(options)
     if segmenter.device.type == "cpu":
-        logger.warning("running on the CPU: expect minutes per volume (--preset fast is quicker; a CUDA GPU "
-                       "is much quicker)")
+        logger.warning(CPU_WARNINGS[args.preset])
     progress = TqdmProgress()
     try:
         result = segmenter.segment(volume, prompts, progress=progress)
@@ -187,6 +128,26 @@ def _segment(args: argparse.Namespace) -> None:
     for name, mask in zip(result.names, result.masks):
         print(f"{name}: {int(mask.sum())} voxels")
     print(f"wrote {args.output}")
+
+
+CPU_WARNINGS = {  # no figure: the time depends on the CPU, the volume and how many slices show the target
+    "accurate": "running on the CPU, which is slow for this method: --preset fast is quicker, a CUDA GPU much "
+                "quicker (README: Accuracy and speed)",
+    "fast": "running on the CPU, which is slow for this method even with --preset fast: a CUDA GPU is much "
+            "quicker (README: Accuracy and speed)",
+}
+
+
+def _prepare_models(args: argparse.Namespace, models: list) -> None:
+    """Check the (spec, family) models and download the missing ones, with a progress bar (`models.first_use`)."""
+    from .models.first_use import prepare_models
+    from .progress import TqdmProgress
+
+    progress = TqdmProgress()
+    try:
+        prepare_models(models, "--no-download was given" if args.no_download else None, progress)
+    finally:
+        progress.close()
 
 
 def _numbered(path, index: int, count: int):
@@ -214,7 +175,7 @@ def _train(args: argparse.Namespace) -> None:
     progress = TqdmProgress(disable=args.json_progress)
     try:
         summary = run_cohort(args.cohort, args.prompt, args.out, options, progress=progress, events=events,
-                             resume=args.resume)
+                             resume=args.resume, download=not args.no_download)
     finally:
         progress.close()
     if args.json_progress:
@@ -328,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--dicom-seg", metavar="DIR",
                          help="also write a DICOM SEG (DIR/clisc_seg.dcm) referencing the input DICOM series")
     segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    segment.add_argument("--no-download", action="store_true",
+                         help="never download a missing model: list every missing one with how to get it")
     segment.set_defaults(run=_segment)
     train = commands.add_parser(
         "train", help="pseudo-label a cohort and self-train a 3D U-Net (CLISC); runs under torchrun too")
@@ -368,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--json-progress", action="store_true",
                        help="print progress as one JSON object per line on stdout instead of progress bars")
+    train.add_argument("--no-download", action="store_true",
+                       help="never download a missing model: list every missing one with how to get it")
     train.set_defaults(run=_train)
     apply = commands.add_parser("apply", help="segment a volume with a trained CLISC run")
     apply.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a finished `clisc train`")
@@ -406,23 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--overwrite", action="store_true", help="replace existing output files")
     evaluate.set_defaults(run=_evaluate)
 
-    models = commands.add_parser("models", help="list, download, import, forget or locate model weights")
-    model_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    model_commands.add_parser("list", help="the catalogue and what is installed").set_defaults(run=_models_list)
-    download = model_commands.add_parser(
-        "download", help="download a model (resumes; checks size, hashes and architecture before installing)")
-    download.add_argument("name")
-    download.set_defaults(run=_models_download)
-    imported = model_commands.add_parser("import", help="install a model from a local file or folder")
-    imported.add_argument("name")
-    imported.add_argument("file", help="the checkpoint file, or a folder holding the model's files")
-    imported.set_defaults(run=_models_import)
-    forget = model_commands.add_parser("forget", help="remove an installed model and its pinned hashes")
-    forget.add_argument("name")
-    forget.set_defaults(run=_models_forget)
-    path = model_commands.add_parser("path", help="where models are cached, or where one model is")
-    path.add_argument("name", nargs="?")
-    path.set_defaults(run=_models_path)
+    add_models_command(commands)
     return parser
 
 

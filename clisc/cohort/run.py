@@ -71,12 +71,14 @@ class CohortRun:
         clip, sam: already loaded models (a `ClipModel`, a `Sam`), else loaded from ``options`` when needed.
         classifier: builds the untrained slice classifier (a `clisc.protocols.SliceClassifier`); default: the
             paper's ResNet-50 with ``options.classifier_weights``.
+        download: download the catalogue models not installed yet (`clisc.models.first_use`); never under
+            torchrun, where every process would.
     """
 
     def __init__(self, cohort: str | Path, prompt: str, out_dir: str | Path, options: CohortOptions,
                  progress: ProgressCallback = no_progress, cancel: Optional[CancelToken] = None,
                  events: Optional[Callable[[dict], None]] = None, resume: bool = False, clip=None, sam=None,
-                 classifier: Optional[Callable[[], SliceClassifier]] = None) -> None:
+                 classifier: Optional[Callable[[], SliceClassifier]] = None, download: bool = True) -> None:
         options.check()
         self.cohort, self.prompt, self.options = str(cohort), prompt.strip(), options
         if not self.prompt:
@@ -86,6 +88,7 @@ class CohortRun:
         self.cancel = cancel
         self.device = distributed.init_from_env(resolve_device(options.device))
         self._clip, self._sam, self._build_classifier = clip, sam, classifier
+        self.download = download
         self._clip_scorer = self._segmenter = self._classifier = None
         self._classifier_amda: Optional[bool] = None
         self.cases = list_cohort(cohort)
@@ -130,15 +133,16 @@ class CohortRun:
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
 
     def _check_models(self) -> None:
-        """Fail before any work when a model is missing."""
-        from ..models.loaders import resolve
+        """Before any work: check the models to load, and download the missing ones or name them all."""
+        from ..models.first_use import prepare_models
 
-        if self._clip is None:
-            resolve(self.options.clip, "clip")
-        if self._sam is None:
-            resolve(self.options.sam, "sam")
+        models = [(self.options.clip, "clip")] if self._clip is None else []
+        models += [(self.options.sam, "sam")] if self._sam is None else []
         if self.options.classifier_weights and self._build_classifier is None:
-            resolve(self.options.classifier_weights, "classifier")
+            models.append((self.options.classifier_weights, "classifier"))
+        no_download = ("downloads are off (--no-download)" if not self.download else
+                       "under torchrun every process would download it" if distributed.world_size() > 1 else None)
+        prepare_models(models, no_download, lambda stage, done, total, *_, **__: self.report(stage, done, total))
 
     def _mark_done(self, step: str) -> None:
         distributed.barrier()
@@ -269,8 +273,9 @@ class CohortRun:
             scratch = self.folder.classifier_slices(amda)
             try:
                 if not any((self._slice_label_of(item) >= 0).any() for item in items):
-                    raise InputError(f"CLIP labelled no slice with confidence >= {self.options.clip_threshold}; "
-                                     "try other --normal-prompt/--abnormal-prompt, or a lower CLIP threshold")
+                    raise InputError(f"CLIP labelled no slice with confidence >= {self.options.clip_threshold} "
+                                     "(--clip-threshold); try other --normal-prompt/--abnormal-prompt, or a lower "
+                                     "--clip-threshold")
                 images, labels = classifier_training_set(self.folder, items, amda, scratch,
                                                          self.options.classifier_image_size, self.options.seed)
                 logger.info("%s: %d slices (%d abnormal)", step, len(labels), int(labels.sum()))
@@ -546,7 +551,7 @@ def held_out_cases(holdout_split: str | Path, cases: list[Case]) -> list[Case]:
 def run_cohort(cohort: str | Path, prompt: str, out_dir: str | Path, options: Optional[CohortOptions] = None,
                progress: ProgressCallback = no_progress, cancel: Optional[CancelToken] = None,
                events: Optional[Callable[[dict], None]] = None, resume: bool = False, clip=None, sam=None,
-               classifier: Optional[Callable[[], SliceClassifier]] = None) -> dict:
+               classifier: Optional[Callable[[], SliceClassifier]] = None, download: bool = True) -> dict:
     """Pseudo-label a cohort and self-train a 3D U-Net (CLISC), in ``out_dir``; see `CohortRun`.
 
     Returns:
@@ -556,4 +561,4 @@ def run_cohort(cohort: str | Path, prompt: str, out_dir: str | Path, options: Op
         and on the held-out cases ("held_out"); `evaluation.summary_lines` puts it in words.
     """
     return CohortRun(cohort, prompt, out_dir, options or CohortOptions(), progress, cancel, events, resume,
-                     clip, sam, classifier).run()
+                     clip, sam, classifier, download).run()

@@ -6,7 +6,7 @@ commit, never at ``main``, so that what is downloaded cannot change under a publ
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 
@@ -31,6 +31,9 @@ class ModelEntry:
     homepage: str
     description: str
     packaged: Optional[str] = None  # the checkpoint as shipped in a Python package: "package/path/in/package"
+    # CLIP: the open_clip_config.json its folder must describe (`validate.clip_config_differences`); None: open_clip's
+    # built-in model config named `architecture`, with OpenAI's pixel mean and std.
+    open_clip_config: Optional[dict] = field(default=None, hash=False)
 
 
 # Meta publishes no sha256. The 6 hex digits in the SAM file names are the start of the file's md5: the full md5s
@@ -51,6 +54,22 @@ _BIOMEDCLIP = ("https://huggingface.co/microsoft/BiomedCLIP-PubMedBERT_256-vit_b
 # caches of several unrelated public projects; the Hub pages themselves could not be consulted.
 _BIOMEDBERT = ("https://huggingface.co/microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract/resolve/"
                "d673b8835373c6fa116d6d8006b33d48734e305d/")
+
+# BiomedCLIP's open_clip_config.json at the pinned revision. Written back as JSON with 2-space indents it is
+# 707 bytes, the size published for the file; its text tower's Hugging Face name is not compared (see
+# validate.clip_config_differences).
+_OPENAI_NORMALISATION = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+_BIOMEDCLIP_CONFIG = {
+    "model_cfg": {
+        "embed_dim": 512,
+        "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
+                       "timm_proj": "linear", "image_size": 224},
+        "text_cfg": {"hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                     "hf_tokenizer_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                     "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256},
+    },
+    "preprocess_cfg": _OPENAI_NORMALISATION,
+}
 
 
 def _timm_openai_clip(repo: str, revision: str) -> Tuple[RemoteFile, ...]:
@@ -161,6 +180,7 @@ CATALOGUE: Tuple[ModelEntry, ...] = (
         ),
         licence="MIT",
         homepage="https://huggingface.co/microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+        open_clip_config=_BIOMEDCLIP_CONFIG,
         description=(
             "BiomedCLIP: ViT-B/16 image tower and PubMedBERT text tower (context 256) trained on PMC-15M "
             "(Zhang et al. 2023). Text tower from microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract."

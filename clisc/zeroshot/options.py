@@ -130,12 +130,27 @@ def check_options(volume: Volume, options: SegmentOptions) -> int:
     resolve_device(options.device)
     choose_profile("", options.profile)
     if not 0 <= options.relevance_threshold <= 1 or options.relevance_smoothing < 1:
-        raise InputError(f"relevance threshold {options.relevance_threshold} and smoothing "
+        raise InputError(f"--relevance-threshold {options.relevance_threshold} and --relevance-smoothing "
                          f"{options.relevance_smoothing}: use a threshold in [0, 1] and at least 1 slice")
+    _check_contrast(volume, axis, options.slices)
     with_overrides(PROFILES["organ"], **profile_overrides(options))
     if "beta" in options.saliency_options:
         raise InputError("give M2IB's beta as SegmentOptions.beta (--beta), not in saliency_options")
     return axis
+
+
+def _check_contrast(volume: Volume, axis: int, slices: str) -> None:
+    """InputError when no slice in the ``--slices`` range has two different values: nothing to segment."""
+    from .stages import candidate_slices, percentile_window_uint8
+
+    windowed = np.moveaxis(percentile_window_uint8(volume.array), axis, 0)
+    if not candidate_slices(windowed, slices).any():
+        where = "" if slices in ("auto", "all") else f" in --slices {slices}"
+        raise InputError(
+            f"{volume.source or 'the volume'}: no slice{where} has any contrast (shape "
+            f"{' × '.join(map(str, volume.array.shape[::-1]))} voxels, every slice one value), so there is nothing "
+            "to segment. Check that this file is the image itself, not an empty export or a mask"
+            + (", or choose --slices where the image shows anatomy." if where else "."))
 
 
 def profile_overrides(options: SegmentOptions) -> dict:

@@ -73,8 +73,6 @@ class ZeroShotSegmenter:
         profiles, profile_reports = zip(*(prompt_profile(options, p, min(volume.array.shape) == 1) for p in prompts))
         slices = np.moveaxis(percentile_window_uint8(volume.array), axis, 0)  # (N, H, W)
         candidates = candidate_slices(slices, options.slices)
-        if not candidates.any():
-            logger.warning("%s: no slice has any contrast; the segments are empty", volume.source or "volume")
         timings: Dict[str, float] = {}
 
         with _timed(timings, "relevance"):
