@@ -131,6 +131,7 @@ class TowerWithTokens(nn.Module):
     def __init__(self, model: nn.Module, layer: int | None) -> None:
         super().__init__()
         self.visual, self.layer = model.visual, layer
+        self.training = model.visual.training  # so that a caller restoring this module's mode restores the tower's
 
     def forward(self, images: torch.Tensor):
         if self.layer is None:
