@@ -194,6 +194,18 @@ def test_a_runtime_that_disagrees_with_torch_is_not_used(runtime, clisc_home, mo
         assert torch.equal(forward(example)[0], module(example))
 
 
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_a_model_the_runtime_cannot_export_runs_in_torch(runtime, clisc_home, monkeypatch):
+    def unsupported(module, example, folder):
+        raise RuntimeError("no conversion rule for this operator")
+
+    monkeypatch.setattr(forwards, "_export_openvino" if runtime == "openvino" else "_export_onnx", unsupported)
+    module = torch.nn.Conv2d(3, 4, 3).eval()
+    forward = module_forward(module, torch.rand(1, 3, 16, 16), runtime, CPU, None, "conv")
+    assert forward.runtime == "torch" and "no conversion rule" in forward.describe()["note"]
+    assert not (clisc_home / "runtimes").exists() or not any((clisc_home / "runtimes").iterdir())
+
+
 @pytest.mark.parametrize("runtime", EXPORTED[:1])
 def test_the_report_says_what_ran_and_the_cli_passes_the_runtime(runtime, clisc_home):
     from clisc.cli import build_parser

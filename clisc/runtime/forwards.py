@@ -119,15 +119,21 @@ def module_forward(module: torch.nn.Module, example: torch.Tensor, runtime: str,
     folder = entry_folder(name, module, example.shape, chosen, version)
     record = read_entry(folder)
     exported_now = record is None
-    if exported_now:
-        logger.info("exporting %s for %s %s (once; cached in %s)", name, chosen, version, folder)
-        export = _export_openvino if chosen == "openvino" else _export_onnx
-        with torch.no_grad():
-            record = export_entry(folder, lambda out: export(module, example, out))
-    run_one = (_load_openvino if chosen == "openvino" else _load_onnxruntime)(folder, dtype)
+    try:
+        if exported_now:
+            logger.info("exporting %s for %s %s (once; cached in %s)", name, chosen, version, folder)
+            export = _export_openvino if chosen == "openvino" else _export_onnx
+            with torch.no_grad():
+                record = export_entry(folder, lambda out: export(module, example, out))
+        run_one = (_load_openvino if chosen == "openvino" else _load_onnxruntime)(folder, dtype)
+        outputs = run_one(example.numpy())
+    except Exception as problem:  # noqa: BLE001 - a model the runtime cannot take still runs, in PyTorch
+        logger.warning("%s cannot run %s (%s: %s): running it in PyTorch", chosen, name, type(problem).__name__,
+                       str(problem)[:300])
+        return TorchForward(module, device, dtype, note=f"{chosen} could not run it: {str(problem)[:200]}")
     with torch.no_grad():
         expected = _as_tuple(module(example))
-    error = max(_relative_error(got, want.float().numpy()) for got, want in zip(run_one(example.numpy()), expected))
+    error = max(_relative_error(got, want.float().numpy()) for got, want in zip(outputs, expected))
     precision = "float32" if chosen == "onnxruntime" or dtype is None else str(dtype).replace("torch.", "")
     details = {"version": version, "precision": precision, "exported_now": exported_now,
                "export_seconds": record["export_seconds"], "probe_relative_error": float(f"{error:.3g}")}
