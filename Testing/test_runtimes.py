@@ -224,11 +224,11 @@ def test_the_report_says_what_ran_and_the_cli_passes_the_runtime(runtime, clisc_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("runtime", EXPORTED)
+@pytest.mark.parametrize("runtime", EXPORTED[:1])  # the adopted one; scripts/bench_runtimes.py measures the other
 def test_real_litemedsam_masks_agree_in_the_runtime(runtime, clisc_home):
     """The real LiteMedSAM on 3 real BraTS tumour slices, ground-truth box + 5 px (an ORACLE prompt): the runtime's
-    masks (float32) against PyTorch float32's. Floor 0.99 Dice (measured 1.000 in scripts/bench_runtimes.py,
-    embeddings within 5e-6)."""
+    masks, float32 and bf16, against PyTorch float32's. Floor 0.99 Dice (measured 1.000 in scripts/bench_runtimes.py on 2
+    slices, embeddings within 4e-6)."""
     from clisc.models.loaders import load_sam
     from clisc.readers import read_volume
     from clisc.zeroshot.stages import percentile_window_uint8
@@ -239,14 +239,19 @@ def test_real_litemedsam_masks_agree_in_the_runtime(runtime, clisc_home):
     picked = np.flatnonzero(truth.any(axis=(1, 2)))[[10, 35, 60]]
     batch = np.repeat(volume[picked][..., None], 3, axis=-1)
     sam = load_sam("litemedsam")
-    ours, theirs = SliceSegmenter(sam, runtime=runtime), SliceSegmenter(sam)
-    masks = []
-    for segmenter in (ours, theirs):
-        embeddings = segmenter.embed(batch)
-        masks.append(np.stack([segmenter.predict(e, t.shape, _box(t, 5)) for e, t in zip(embeddings, truth[picked])]))
-    assert ours.encoder_runtime()["runtime"] == runtime
-    both = masks[0].sum() + masks[1].sum()
-    assert both > 0 and 2 * np.logical_and(*masks).sum() / both >= 0.99
+    reference = SliceSegmenter(sam)
+
+    def dice_with_reference(segmenter: SliceSegmenter) -> float:
+        masks = []
+        for one in (segmenter, reference):
+            embeddings = one.embed(batch)
+            masks.append(np.stack([one.predict(e, t.shape, _box(t, 5)) for e, t in zip(embeddings, truth[picked])]))
+        assert segmenter.encoder_runtime()["runtime"] == runtime and masks[1].sum() > 0
+        return 2 * np.logical_and(*masks).sum() / (masks[0].sum() + masks[1].sum())
+
+    assert dice_with_reference(SliceSegmenter(sam, runtime=runtime)) >= 0.99
+    # bf16 (the fast preset): measured 0.9955 on 16 slices, as PyTorch's own bf16 autocast (0.9946)
+    assert dice_with_reference(SliceSegmenter(sam, torch.bfloat16, runtime=runtime)) >= 0.97
 
 
 def _box(mask: np.ndarray, grow: int) -> SamPrompt:
