@@ -84,12 +84,7 @@ def _segment(args: argparse.Namespace) -> None:
     from .progress import TqdmProgress
     from .readers import read_volume
     from .writers import VOLUME_SUFFIXES, output_kind, write_bytes, write_volume
-    from .zeroshot import (
-        ZeroShotSegmenter,
-        check_options,
-        check_prompts,
-        preset_options,
-    )
+    from .zeroshot import ZeroShotSegmenter, check_options, check_prompts, preset_options
 
     prompts = check_prompts(args.prompt)
     dicom_seg = _dicom_seg_targets(args)
@@ -104,7 +99,7 @@ def _segment(args: argparse.Namespace) -> None:
         components=args.components, box_per_component=args.box_per_component, keep_3d=args.keep_3d,
         prompt_type=args.prompt_type, relevance_threshold=args.relevance_threshold,
         relevance_smoothing=args.relevance_smoothing, axis=args.axis, device=args.device, slices=args.slices,
-        seed=args.seed,
+        seed=args.seed, runtime=args.runtime,
         negative_prompts=tuple(check_prompts(args.negative_prompt)) if args.negative_prompt else None)
     volume = read_volume(args.input, series_uid=args.series)
     check_options(volume, options)
@@ -285,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--saliency-out", metavar="FILE", help="also write the saliency map as a volume")
     segment.add_argument("--report", metavar="FILE.json", help="write what was done, with timings and models")
     segment.add_argument("--seed", type=int)
+    segment.add_argument("--runtime", choices=["auto", "torch", "openvino", "onnxruntime"], help="CPU runtime (auto)")
     segment.add_argument("--series", metavar="UID", help="DICOM series to read from a folder holding several")
     segment.add_argument("--dicom-seg", metavar="DIR",
                          help="also write a DICOM SEG (DIR/clisc_seg.dcm) referencing the input DICOM series")

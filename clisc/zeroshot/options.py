@@ -12,6 +12,7 @@ from ..clip_scoring import NEGATIVE_PROMPTS
 from ..errors import InputError
 from ..profiles import OVERRIDABLE, PROFILES, Profile, choose_profile, with_overrides
 from ..result import resolve_device
+from ..runtime import choose_runtime
 from ..volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class SegmentOptions:
     sam_precision: str = "float32"
     sam_batch_size: int = 2
     seed: int = 0
+    runtime: str = "auto"                   # auto | torch | openvino | onnxruntime: CPU runtime of CLIP's image
+                                            # tower and LiteMedSAM's encoder (`clisc.runtime`)
 
 
 PRESETS = {
@@ -127,7 +130,7 @@ def check_options(volume: Volume, options: SegmentOptions) -> int:
     axis."""
     axis = slice_axis(volume, options.axis)
     slice_range(options.slices, volume.array.shape[axis])
-    resolve_device(options.device)
+    choose_runtime(options.runtime, resolve_device(options.device))
     choose_profile("", options.profile)
     if not 0 <= options.relevance_threshold <= 1 or options.relevance_smoothing < 1:
         raise InputError(f"--relevance-threshold {options.relevance_threshold} and --relevance-smoothing "
