@@ -185,6 +185,8 @@ def test_layer_cam_of_the_trained_toy_classifier_falls_on_the_square(toy_classif
 class Brightness(nn.Module):
     """layer3 = the input's first channel; class 1 scores its mean, class 0 minus its mean."""
 
+    cam_layer = "layer3"
+
     def __init__(self):
         super().__init__()
         self.layer3 = nn.Identity()

@@ -130,7 +130,7 @@ def test_the_classifier_set_written_case_by_case_is_the_in_memory_amda_rule(labe
     for item in items:
         slice_labels = np.array(json.loads(folder.slice_labels(item.case_id).read_text()))
         keep = slice_labels >= 0
-        images.append(_resized(item.slices()[keep], size).round().astype(np.uint8))
+        images.append(_resized(item.classifier_slices()[keep], size).round().astype(np.uint8))
         labels.append(slice_labels[keep])
         saved = np.load(folder.cams(item.case_id, amda=False))
         cams.append(_resized(saved["cam"][keep], size))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,7 +35,7 @@ from . import distributed
 from .case_store import SliceFile, StoredCase, TrainingPairs, is_stored, open_case, store_case
 from .cases import Case, list_cohort, read_case_list, uncrop
 from .evaluation import label_paths, means, plot_losses, run_metrics
-from .options import RESUMABLE_CHANGES, CohortOptions
+from .options import RESUMABLE_CHANGES, CohortOptions, classifier_choice
 from .run_folder import RunFolder
 
 logger = logging.getLogger("clisc")
@@ -88,6 +88,8 @@ class CohortRun:
         self._clip, self._sam, self._build_classifier = clip, sam, classifier
         self._clip_scorer = self._segmenter = self._classifier = None
         self._classifier_amda: Optional[bool] = None
+        self.empty_pseudo_labels: dict[str, str] = {}  # case_id: why its pseudo-label is empty
+        self.stopped: Optional[str] = None  # why the run stopped before training the U-Net
         self.cases = list_cohort(cohort)
         self.held_out = held_out_cases(options.holdout_split, self.cases) if options.holdout_split else []
         self.training_cases = [case for case in self.cases if case not in self.held_out]
@@ -99,6 +101,12 @@ class CohortRun:
         from .slice_labels import default_prompts
 
         normal, abnormal = default_prompts(self.prompt)
+        if resume and self.folder.is_run() and self.options.classifier == "auto":  # the backbone it started with
+            self.options = replace(self.options, classifier=self.folder.config()["options"].get("classifier",
+                                                                                                 "resnet50"))
+        self.classifier_auto = self.options.classifier == "auto"
+        backbone, weights = classifier_choice(self.options)
+        self.options = replace(self.options, classifier=backbone, classifier_weights=weights)
         config = {"cohort": self.cohort, "prompt": self.prompt, "options": asdict(self.options),
                   "normal_prompt": self.options.normal_prompt or normal,
                   "abnormal_prompt": self.options.abnormal_prompt or abnormal,
@@ -107,6 +115,10 @@ class CohortRun:
                   "deviations": [f"{name}: {text}" for name, text in deviations.COHORT.items()],
                   "world_size": distributed.world_size(),
                   "clisc_version": __version__}
+        if backbone in deviations.CLASSIFIER_BACKBONE:
+            config["deviations"].append(deviations.CLASSIFIER_BACKBONE[backbone])
+        if weights is None:
+            config["deviations"].append(deviations.RANDOM_CLASSIFIER)
         if self.folder.is_run() and not resume:
             raise InputError(f"{self.folder.path} holds a run already; pass --resume to continue it, or choose "
                              "another --out folder")
@@ -167,6 +179,11 @@ class CohortRun:
             logger.info("cohort %s: %d case(s), %d held out; prompt %r; device %s; rank %d of %d", self.cohort,
                         len(self.cases), len(self.held_out), self.prompt, self.device, distributed.rank(),
                         distributed.world_size())
+            logger.info("slice classifier: %s from %s%s", self.options.classifier,
+                        self.options.classifier_weights or "random weights",
+                        " (--classifier auto: the ResNet-50 ImageNet weights are not installed; `clisc models "
+                        "download resnet50_imagenet` gets the paper's backbone)"
+                        if self.classifier_auto and self.options.classifier != "resnet50" else "")
             loaded = self._load(self.training_cases, "load")
             if not loaded:
                 raise InputError(f"{self.cohort}: no case could be loaded; see {self.folder.path / 'skipped'}")
@@ -177,11 +194,15 @@ class CohortRun:
             self._train_classifier("classifier_amda", training, amda=True)
             training = self._per_case("cams_amda", training, lambda case_id: self.folder.cams(case_id, amda=True),
                                       lambda item: self._cams(item, amda=True))
-            training = self._per_case("pseudo_labels", training, self.folder.pseudo_label, self._pseudo_label)
+            training = self._per_case("pseudo_labels", training, self.folder.pseudo_label, self._pseudo_label,
+                                      slices=lambda item: int(self._cam_mask(item).any(axis=(1, 2)).sum()))
             if not training:
                 raise InputError(f"no case of the cohort could be processed; see {self.folder.path / 'skipped'}")
+            self.empty_pseudo_labels = self._empty_pseudo_labels(training)
             if self.options.stop_after == "pseudo_labels":
                 return self._summary(loaded, [], None)
+            if len(self.empty_pseudo_labels) == len(training):
+                self._stop_with_nothing_to_learn(loaded, training)
             self._train_unet(0, training, lambda item: read_volume(
                 self.folder.pseudo_label(item.case_id)).array[item.crop] > 0)
             for round_ in range(1, self.options.s3f_rounds + 1):
@@ -220,21 +241,32 @@ class CohortRun:
                 if is_stored(self.folder.preprocessed(case.case_id))]
 
     def _per_case(self, step: str, items: list[StoredCase], output: Callable[[str], Path],
-                  work: Callable[[StoredCase], None]) -> list[StoredCase]:
+                  work: Callable[[StoredCase], None], slices: Optional[Callable[[StoredCase], int]] = None,
+                  ) -> list[StoredCase]:
         """Run ``work`` (which writes ``output(case_id)``) on this rank's share of the cases that have no output
-        yet; a case whose work fails is skipped. Returns the cases not skipped."""
+        yet; a case whose work fails is skipped. Returns the cases not skipped.
+
+        Progress counts cases, or with ``slices`` (the number of slices ``work`` processes in a case) slices:
+        ``work(item, progress)`` then reports its slices through ``progress(stage, done, total)``."""
         if not self.folder.is_done(step):
-            mine = distributed.shard(items)
-            for n, item in enumerate(mine):
+            todo = [item for item in distributed.shard(items) if not output(item.case_id).is_file()]
+            sizes = [slices(item) if slices else 1 for item in todo]
+            total, done = sum(sizes), 0
+            self.report(step, 0, total)  # the bar starts with the stage, not after its first case
+            for item, size in zip(todo, sizes):
                 self._check_cancel()
-                if not output(item.case_id).is_file():
-                    try:
-                        work(item)
-                    except Cancelled:
-                        raise
-                    except Exception as error:  # noqa: BLE001 - one failing case must not stop the cohort
-                        self._skip(item.case, step, error)
-                self.report(step, n + 1, len(mine), case=item.case_id)
+
+                def inside(_stage: str, in_case: int, _total: int, message: str = "", **fields) -> None:
+                    self.report(step, done + in_case, total, case=item.case_id)
+
+                try:
+                    work(item, inside) if slices else work(item)
+                except Cancelled:
+                    raise
+                except Exception as error:  # noqa: BLE001 - one failing case must not stop the cohort
+                    self._skip(item.case, step, error)
+                done += size
+                self.report(step, done, total, case=item.case_id)
             self._mark_done(step)
         skipped = self.folder.skipped()
         return [item for item in items if item.case_id not in skipped]
@@ -291,7 +323,8 @@ class CohortRun:
         if self._build_classifier is not None:
             return self._build_classifier()
         weights = self.options.classifier_weights
-        return build_classifier(resolve(weights, "classifier") if weights else None, seed=self.options.seed)
+        return build_classifier(resolve(weights, "classifier") if weights else None, seed=self.options.seed,
+                                architecture=self.options.classifier)
 
     def _trained_classifier(self, amda: bool) -> torch.nn.Module:
         from ..models.loaders import load_checkpoint
@@ -306,7 +339,8 @@ class CohortRun:
         """LayerCAM on the slices the classifier calls abnormal, and their label-free binarisation."""
         from .classifier import classify, layer_cam, postprocess_cams
 
-        model, size, slices = self._trained_classifier(amda), self.options.classifier_image_size, item.slices()
+        model, size = self._trained_classifier(amda), self.options.classifier_image_size
+        slices = item.classifier_slices()
         positive = classify(model, slices, device=self.device, image_size=size) > 0.5
         cam = np.zeros(slices.shape, np.float32)
         if positive.any():
@@ -325,13 +359,55 @@ class CohortRun:
             self._segmenter = SliceSegmenter(sam, DTYPES[self.options.sam_precision], self.options.sam_batch_size)
         return self._segmenter
 
-    def _pseudo_label(self, item: StoredCase) -> None:
-        """SAM prompted from the enhanced CAM mask, kept inside the body (as the released code does)."""
+    def _cam_mask(self, item: StoredCase) -> np.ndarray:
+        """The enhanced (AMDA) CAM mask (K', J', I') bool that prompts SAM."""
+        return np.load(self.folder.cams(item.case_id, amda=True))["mask"]
+
+    def _pseudo_label(self, item: StoredCase, progress: ProgressCallback) -> None:
+        """SAM prompted from the enhanced CAM mask, kept inside the body (as the released code does); progress
+        per slice SAM segments."""
         from .pseudo_labels import sam_pseudo_label
 
-        mask = np.load(self.folder.cams(item.case_id, amda=True))["mask"]
-        label = sam_pseudo_label(self._segmenter_(), np.asarray(item.image), mask, cancel=self.cancel) & item.body
+        label = sam_pseudo_label(self._segmenter_(), np.asarray(item.image), self._cam_mask(item), progress=progress,
+                                 cancel=self.cancel) & item.body
         write_labelmap(self.folder.pseudo_label(item.case_id), uncrop(label, item.crop, item.shape), item.reference())
+
+    def _empty_pseudo_labels(self, items: list[StoredCase]) -> dict[str, str]:
+        """{case_id: why its pseudo-label is empty} of the cases whose pseudo-label has no voxel, each warned
+        about."""
+        empty = {}
+        for item in items:
+            if read_volume(self.folder.pseudo_label(item.case_id)).array.any():
+                continue
+            cams = np.load(self.folder.cams(item.case_id, amda=True))
+            positive = int(cams["positive"].sum())
+            prompted = int(cams["mask"].any(axis=(1, 2)).sum())
+            empty[item.case_id] = (
+                "the classifier called no slice abnormal" if not positive else
+                f"the CAM mask is empty on the {positive} slice(s) the classifier called abnormal" if not prompted
+                else f"SAM's masks were empty on all {prompted} slice(s) it was prompted on")
+            logger.warning("case %s: its pseudo-label is empty (%s)", item.case_id, empty[item.case_id])
+        return empty
+
+    def _stop_with_nothing_to_learn(self, loaded: list[StoredCase], items: list[StoredCase]) -> None:
+        """Every pseudo-label is empty: record it in summary.json (and metrics.json with --labels) and stop."""
+        labels = [self._slice_label_of(item) for item in items]
+        abnormal, total = sum(int((case == 1).sum()) for case in labels), sum(len(case) for case in labels)
+        reason = (f"every pseudo-label is empty ({len(items)} case(s)), so the U-Net has nothing to learn from and "
+                  f"was not trained. CLIP labelled {abnormal} of {total} slices abnormal; per case: "
+                  + "; ".join(f"{case}: {why}" for case, why in self.empty_pseudo_labels.items()) + ".")
+        self.stopped = reason
+        self._summary(loaded, [], None)
+        if self.options.labels and distributed.is_main():
+            self.folder.write_json(self.folder.file("metrics.json"), {
+                "stopped": reason, "empty_pseudo_labels": self.empty_pseudo_labels})
+        raise InputError(
+            f"{reason}\nTry, in a new --out folder: a lower --clip-threshold (now {self.options.clip_threshold}) "
+            "or other --normal-prompt/--abnormal-prompt texts (CLIP decides which slices the classifier learns as "
+            f"abnormal), more --classifier-epochs (now {self.options.classifier_epochs}), --cam-threshold "
+            f"{'kmeans' if self.options.cam_threshold == 'otsu' else 'otsu'}, or an ImageNet classifier "
+            f"(--classifier efficientnet-lite0 needs no download; this run: {self.options.classifier} from "
+            f"{self.options.classifier_weights or 'random weights'}). Every stage's output is in {self.folder.path}.")
 
     # U-Net (step 6) and S3F self-training (step 7)
     def _train_unet(self, round_: int, items: list[StoredCase], label: Callable[[StoredCase], np.ndarray]) -> None:
@@ -431,6 +507,7 @@ class CohortRun:
         """metrics.json: the final U-Net's scores on the training cohort and, apart, on the held-out cases."""
         metrics = run_metrics(self.folder, self.options.labels, self.options.holdout_split, self.training_cases,
                               self.held_out, {item.case_id: item.shape for item in loaded})
+        metrics["empty_pseudo_labels"] = self.empty_pseudo_labels
         if distributed.is_main():
             self.folder.write_json(self.folder.file("metrics.json"), metrics)
         return metrics
@@ -438,7 +515,10 @@ class CohortRun:
     def _summary(self, loaded: list[StoredCase], held_out: list[StoredCase], metrics: Optional[dict]) -> dict:
         model = self.folder.final_model
         summary = {"run_dir": str(self.folder.path), "cases": len(self.cases), "loaded": len(loaded),
-                   "skipped": self.folder.skipped(), "model": str(model) if model.is_file() else None}
+                   "skipped": self.folder.skipped(), "model": str(model) if model.is_file() else None,
+                   "empty_pseudo_labels": self.empty_pseudo_labels}
+        if self.stopped:
+            summary["stopped"] = self.stopped
         if metrics is not None:
             summary["training_cohort"] = means(metrics["training_cohort"])
         if self.held_out:
@@ -486,7 +566,7 @@ def classifier_training_set(folder: RunFolder, items: list[StoredCase], amda: bo
     copies_file = scratch.with_name(scratch.name + ".copies")
     with open(scratch, "wb") as originals, open(copies_file, "wb") as copies:
         for item, case_labels, keep in zip(items, all_labels, kept):
-            images = _resized(item.slices()[keep], size).round().astype(np.uint8)
+            images = _resized(item.classifier_slices()[keep], size).round().astype(np.uint8)
             originals.write(images.tobytes())
             if amda:
                 saved = np.load(folder.cams(item.case_id, amda=False))
