@@ -374,11 +374,11 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def heldOutCaseIds(runDir) -> list:
-        """The cases a run kept out of every stage (its --holdout-split), as config.json lists them."""
+        """The cases a run kept out of every stage (its --holdout-split)."""
         from clisc.cohort.run_folder import RunFolder
 
         run = RunFolder(runDir)
-        return list(run.config().get("held_out_cases", [])) if runDir and run.is_run() else []
+        return run.held_out_cases() if runDir and run.is_run() else []
 
     def loadCase(self, runDir, caseId, result="pseudo_label", device="auto", progress=None, cancel=None):
         """Load a case's input volume (once; later calls reuse its node) and its pseudo-label or prediction

@@ -142,4 +142,4 @@ def test_pretrained_cams_find_brats_tumours_better_than_random_ones(lite0_file):
     assert shares["imagenet"] > FLOOR_IN_TUMOUR, (shares, chance)
 
 
-FLOOR_IN_TUMOUR = 0.0  # set from the measurement
+FLOOR_IN_TUMOUR = 1.0  # set from the measurement

@@ -33,10 +33,14 @@ Each row replaces some stages by ground truth (an "oracle") and runs the rest wi
     labels only, replaced by ground-truth ones (1 where the pre-processed slice holds tumour, else 0) written
     as RUN/slice_labels/CASE.json before the run starts: the run skips every case whose output exists (the
     documented resume behaviour), so CLIP is never called. Handicaps that are not oracles: CLIP is a random
-    ViT-B-32 (unused) and the ResNet-50 classifier starts from random weights (no pretrained CLIP or ImageNet
-    ResNet exists here); training is short (see --classifier-epochs, --unet-epochs, --patch-size). Shows that
-    the whole pipeline runs with a real SAM and what its pseudo-labels and U-Net give under these handicaps;
-    cannot show the paper's accuracy.
+    ViT-B-32 (unused); the slice classifier is --classifier from --classifier-weights (default: ResNet-50 from
+    random weights, as no ImageNet ResNet-50 exists here; "--classifier efficientnet-lite0 --classifier-weights
+    imagenet": EfficientNet-Lite0 from the ImageNet weights that ship with CLISC); training is short (see
+    --classifier-epochs, --unet-epochs, --patch-size). --holdout pat0004,... keeps those volumes out of every
+    stage (`clisc train --holdout-split`): only the final U-Net predicts them, scored apart ("held out"). Shows
+    that the whole pipeline runs with a real SAM and what its CAMs, pseudo-labels and U-Net give under these
+    handicaps, with the classifier's slice accuracy (its gate against the ground-truth slice labels); cannot show
+    the paper's accuracy.
 
 Perturbed maps (b, c), per slice, from the ground-truth mask M (seeded by --seed, the dataset, case, slice):
 M shifted by 0.15 D in a random direction (D = equivalent diameter sqrt(4 area / pi) px; 0.1 x the shorter
@@ -58,6 +62,8 @@ random full-size CLIP ViT-B-16: accuracy meaningless, timing real), stage by sta
 
     python scripts/bench_accuracy.py [--rows a,b,c,speed] [--datasets brats,busi,ct] [--patches] [--json OUT]
     python scripts/bench_accuracy.py --rows d [--classifier-epochs 2 --unet-epochs 200 --patch-size 96] [--json OUT]
+    python scripts/bench_accuracy.py --rows d --classifier efficientnet-lite0 --classifier-weights imagenet \
+        --holdout pat0004 [...]
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ grid:
 - "in tumour": the share of the CAM's mass (sum of its values inside the body) that lies inside the tumour;
   the tumour's share of the body on those slices is printed as the chance level.
 
-    python scripts/bench_cam_layer.py [--epochs 2] [--image-size 160] [--backbones lite0-imagenet,lite0-random,...]
+    python scripts/bench_cam_layer.py [--epochs 2] [--image-size 128] [--backbones lite0-imagenet,lite0-random,...]
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import torch
 
 from clisc.cohort.cases import body_mask, preprocess, to_truncated_uint8_slices
 from clisc.cohort.classifier import build_classifier, layer_cam, postprocess_cams, train_classifier
-from clisc.cohort.run import _resized
+from clisc.cohort.classifier_data import resized
 from clisc.metrics import dice
 from clisc.models.loaders import resolve
 from clisc.readers import read_volume
@@ -43,15 +43,16 @@ LAYERS = {"efficientnet-lite0": ("blocks.3", "blocks.4", "blocks.5", "blocks.6",
           "resnet50": ("layer2", "layer3", "layer4")}
 
 
-def load_cases() -> list[dict]:
-    """Each BraTS volume pre-processed as a run does: classifier slices (K, H, W) uint8, body, tumour, labels."""
+def load_cases(every: int) -> list[dict]:
+    """Each BraTS volume pre-processed as a run does, every ``every``-th axial slice: classifier slices (K, H, W)
+    uint8, body, tumour, labels."""
     cases = []
     for folder in sorted(DATA.glob("pat*")):
         volume = read_volume(folder / "flair.nii.gz")
         image, crop = preprocess(volume)
-        tumour = (read_volume(folder / "label.nii.gz").array > 0)[crop]
-        cases.append({"name": folder.name, "slices": to_truncated_uint8_slices(image),
-                      "body": body_mask(volume.array)[crop], "tumour": tumour,
+        tumour = (read_volume(folder / "label.nii.gz").array > 0)[crop][::every]
+        cases.append({"name": folder.name, "slices": to_truncated_uint8_slices(image)[::every],
+                      "body": body_mask(volume.array)[crop][::every], "tumour": tumour,
                       "labels": tumour.any(axis=(1, 2)).astype(int)})
     return cases
 
@@ -60,7 +61,7 @@ def measure(backbone: str, cases: list[dict], args: argparse.Namespace) -> dict:
     architecture, weights = BACKBONES[backbone]
     model = build_classifier(resolve(weights, "classifier") if weights else None, seed=args.seed,
                              architecture=architecture)
-    images = np.concatenate([_resized(case["slices"], args.image_size).round().astype(np.uint8) for case in cases])
+    images = np.concatenate([resized(case["slices"], args.image_size).round().astype(np.uint8) for case in cases])
     labels = np.concatenate([case["labels"] for case in cases])
     started = time.perf_counter()
     losses = train_classifier(model, images, labels, args.epochs, seed=args.seed, image_size=args.image_size)
@@ -91,12 +92,15 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="classifier epochs (row d of bench_accuracy: 2)")
     parser.add_argument("--image-size", type=int, default=128, help="classifier input side (row d: 128)")
     parser.add_argument("--backbones", default=",".join(BACKBONES), help=f"comma-separated, of {','.join(BACKBONES)}")
+    parser.add_argument("--every", type=int, default=1,
+                        help="every N-th axial slice only (quicker; the CAM mask's 3D opening then spans N slices)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    cases = load_cases()
+    cases = load_cases(args.every)
     chance = [(case["tumour"] & case["body"]).sum() / (case["body"] & case["labels"].astype(bool)[:, None, None]).sum()
               for case in cases]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; cases "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; every {args.every} slice(s); "
+          f"{args.epochs} epoch(s) at {args.image_size} px; cases "
           f"{', '.join(case['name'] for case in cases)}; chance level of 'in tumour' (tumour share of the body on "
           f"tumour slices): {np.mean(chance):.3f} ({', '.join(f'{c:.2f}' for c in chance)})", flush=True)
     for backbone in args.backbones.split(","):

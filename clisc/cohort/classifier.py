@@ -2,8 +2,8 @@
 
 An ImageNet CNN (the paper's ResNet-50, or EfficientNet-Lite0: `clisc.models.classifier_builders`) with the
 paper's head (features→256→ReLU→Dropout 0.5→2) learns CLIP's slice labels; LayerCAM on the backbone's CAM layer
-(ResNet-50: ``layer3``) for the "abnormal" class shows where it looks. Slices enter as uint8 (N, H, W): scaled to [0, 1],
-resized to ``image_size`` × ``image_size`` (bilinear, whole slice, no crop, so a CAM resized back lands on
+(ResNet-50: ``layer3``) for the "abnormal" class shows where it looks. Slices enter as uint8 (N, H, W): scaled to
+[0, 1], resized to ``image_size`` × ``image_size`` (bilinear, whole slice, no crop, so a CAM resized back lands on
 the same pixels), repeated to 3 channels, normalised with the ImageNet mean and standard deviation.
 """
 from __future__ import annotations

@@ -21,7 +21,7 @@ class CohortOptions:
     clip: str = "clip_vit_b32"              # the paper's OpenAI ViT-B/32
     sam: str = "sam_vit_b"
     classifier: str = "auto"                # resnet50 | efficientnet-lite0 | auto (`classifier_choice`)
-    classifier_weights: Optional[str] = "imagenet"  # the backbone's ImageNet entry, a catalogue name or file; None: random
+    classifier_weights: Optional[str] = "imagenet"  # its ImageNet entry, a catalogue name or a file; None: random
     normal_prompt: Optional[str] = None     # default: derived from the target prompt (slice_labels)
     abnormal_prompt: Optional[str] = None
     clip_threshold: float = 0.6             # a slice is labelled when CLIP's larger probability reaches this

@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import __version__, deviations
 from ..errors import Cancelled, InputError
@@ -32,9 +30,10 @@ from ..readers import read_volume
 from ..result import resolve_device
 from ..writers import write_labelmap
 from . import distributed
-from .case_store import SliceFile, StoredCase, TrainingPairs, is_stored, open_case, store_case
+from .case_store import StoredCase, TrainingPairs, is_stored, open_case, store_case
 from .cases import Case, list_cohort, read_case_list, uncrop
-from .evaluation import label_paths, means, plot_losses, run_metrics
+from .evaluation import (empty_pseudo_labels, label_paths, means, nothing_to_learn, plot_losses, run_metrics,
+                         what_to_try)
 from .options import RESUMABLE_CHANGES, CohortOptions, classifier_choice
 from .run_folder import RunFolder
 
@@ -198,11 +197,16 @@ class CohortRun:
                                       slices=lambda item: int(self._cam_mask(item).any(axis=(1, 2)).sum()))
             if not training:
                 raise InputError(f"no case of the cohort could be processed; see {self.folder.path / 'skipped'}")
-            self.empty_pseudo_labels = self._empty_pseudo_labels(training)
+            self.empty_pseudo_labels = empty_pseudo_labels(self.folder, [item.case_id for item in training])
             if self.options.stop_after == "pseudo_labels":
                 return self._summary(loaded, [], None)
-            if len(self.empty_pseudo_labels) == len(training):
-                self._stop_with_nothing_to_learn(loaded, training)
+            if len(self.empty_pseudo_labels) == len(training):  # record why in the reports, then stop
+                self.stopped = nothing_to_learn(self.folder, self.empty_pseudo_labels)
+                self._summary(loaded, [], None)
+                if self.options.labels and distributed.is_main():
+                    self.folder.write_json(self.folder.file("metrics.json"), {
+                        "stopped": self.stopped, "empty_pseudo_labels": self.empty_pseudo_labels})
+                raise InputError(f"{self.stopped}\n{what_to_try(self.options, self.folder.path)}")
             self._train_unet(0, training, lambda item: read_volume(
                 self.folder.pseudo_label(item.case_id)).array[item.crop] > 0)
             for round_ in range(1, self.options.s3f_rounds + 1):
@@ -293,6 +297,7 @@ class CohortRun:
     # Classifier (steps 3 and 4): rank 0 trains, the others wait.
     def _train_classifier(self, step: str, items: list[StoredCase], amda: bool) -> None:
         from .classifier import train_classifier
+        from .classifier_data import classifier_training_set
         from .unet import save_checkpoint
 
         if self.folder.is_done(step):
@@ -371,43 +376,6 @@ class CohortRun:
         label = sam_pseudo_label(self._segmenter_(), np.asarray(item.image), self._cam_mask(item), progress=progress,
                                  cancel=self.cancel) & item.body
         write_labelmap(self.folder.pseudo_label(item.case_id), uncrop(label, item.crop, item.shape), item.reference())
-
-    def _empty_pseudo_labels(self, items: list[StoredCase]) -> dict[str, str]:
-        """{case_id: why its pseudo-label is empty} of the cases whose pseudo-label has no voxel, each warned
-        about."""
-        empty = {}
-        for item in items:
-            if read_volume(self.folder.pseudo_label(item.case_id)).array.any():
-                continue
-            cams = np.load(self.folder.cams(item.case_id, amda=True))
-            positive = int(cams["positive"].sum())
-            prompted = int(cams["mask"].any(axis=(1, 2)).sum())
-            empty[item.case_id] = (
-                "the classifier called no slice abnormal" if not positive else
-                f"the CAM mask is empty on the {positive} slice(s) the classifier called abnormal" if not prompted
-                else f"SAM's masks were empty on all {prompted} slice(s) it was prompted on")
-            logger.warning("case %s: its pseudo-label is empty (%s)", item.case_id, empty[item.case_id])
-        return empty
-
-    def _stop_with_nothing_to_learn(self, loaded: list[StoredCase], items: list[StoredCase]) -> None:
-        """Every pseudo-label is empty: record it in summary.json (and metrics.json with --labels) and stop."""
-        labels = [self._slice_label_of(item) for item in items]
-        abnormal, total = sum(int((case == 1).sum()) for case in labels), sum(len(case) for case in labels)
-        reason = (f"every pseudo-label is empty ({len(items)} case(s)), so the U-Net has nothing to learn from and "
-                  f"was not trained. CLIP labelled {abnormal} of {total} slices abnormal; per case: "
-                  + "; ".join(f"{case}: {why}" for case, why in self.empty_pseudo_labels.items()) + ".")
-        self.stopped = reason
-        self._summary(loaded, [], None)
-        if self.options.labels and distributed.is_main():
-            self.folder.write_json(self.folder.file("metrics.json"), {
-                "stopped": reason, "empty_pseudo_labels": self.empty_pseudo_labels})
-        raise InputError(
-            f"{reason}\nTry, in a new --out folder: a lower --clip-threshold (now {self.options.clip_threshold}) "
-            "or other --normal-prompt/--abnormal-prompt texts (CLIP decides which slices the classifier learns as "
-            f"abnormal), more --classifier-epochs (now {self.options.classifier_epochs}), --cam-threshold "
-            f"{'kmeans' if self.options.cam_threshold == 'otsu' else 'otsu'}, or an ImageNet classifier "
-            f"(--classifier efficientnet-lite0 needs no download; this run: {self.options.classifier} from "
-            f"{self.options.classifier_weights or 'random weights'}). Every stage's output is in {self.folder.path}.")
 
     # U-Net (step 6) and S3F self-training (step 7)
     def _train_unet(self, round_: int, items: list[StoredCase], label: Callable[[StoredCase], np.ndarray]) -> None:
@@ -541,67 +509,6 @@ def _changed_settings(saved: dict, config: dict) -> list[str]:
     if saved.get("held_out_cases", []) != config["held_out_cases"]:
         changed.append("the cases --holdout-split lists")
     return changed
-
-
-def classifier_training_set(folder: RunFolder, items: list[StoredCase], amda: bool, scratch: Path, size: int,
-                            seed: int) -> tuple[SliceFile, np.ndarray]:
-    """The slice classifier's training set, written case by case to the file ``scratch``, so that the cohort's
-    slices never have to fit in memory: every slice CLIP labelled (``folder.slice_labels``), resized to
-    ``size`` × ``size`` (`_resized`), and with ``amda`` their AMDA copies after them: exactly
-    `amda.amda_masked_copies` of all the slices (from the first classifier's CAMs, ``folder.cams``) with a
-    generator seeded by ``seed``, computed one case at a time.
-
-    Returns:
-        The (N, size, size) uint8 slices (2N with ``amda``) and their (N,) int labels.
-    """
-    from .amda import hide_discriminative, hide_rectangle, is_adaptive, mean_area
-
-    all_labels = [np.array(json.loads(folder.slice_labels(item.case_id).read_text())) for item in items]
-    kept = [labels >= 0 for labels in all_labels]
-    labels = np.concatenate([case_labels[keep] for case_labels, keep in zip(all_labels, kept)])
-    count = len(labels)
-    if len(set(labels.tolist())) < 2:
-        logger.warning("CLIP gave every confident slice the label %d: the classifier sees one class", labels[0])
-    hidden, random_rows, row = [], [], 0
-    copies_file = scratch.with_name(scratch.name + ".copies")
-    with open(scratch, "wb") as originals, open(copies_file, "wb") as copies:
-        for item, case_labels, keep in zip(items, all_labels, kept):
-            images = _resized(item.classifier_slices()[keep], size).round().astype(np.uint8)
-            originals.write(images.tobytes())
-            if amda:
-                saved = np.load(folder.cams(item.case_id, amda=False))
-                cams = _resized(saved["cam"][keep], size)
-                masks = _resized(saved["mask"][keep], size, "nearest") > 0.5
-                for n, label in enumerate(case_labels[keep]):
-                    if is_adaptive(label, masks[n]):
-                        hidden.append(hide_discriminative(images[n], cams[n], masks[n]))
-                    else:
-                        random_rows.append(count + row + n)
-                copies.write(images.tobytes())
-            row += len(images)
-    with open(scratch, "ab") as originals, open(copies_file, "rb") as copies:
-        shutil.copyfileobj(copies, originals)  # the copies after every original, in the same order
-    copies_file.unlink()
-    if not amda:
-        return SliceFile(scratch, count, size), labels
-    area, rng, pixels = mean_area(hidden), np.random.default_rng(seed), size * size
-    with open(scratch, "r+b") as file:
-        for row in random_rows:
-            file.seek(row * pixels)
-            image = np.frombuffer(file.read(pixels), np.uint8).reshape(size, size).copy()
-            hide_rectangle(image, area, rng)
-            file.seek(row * pixels)
-            file.write(image.tobytes())
-    return SliceFile(scratch, 2 * count, size), np.concatenate([labels, labels])
-
-
-def _resized(slices: np.ndarray, size: int, mode: str = "bilinear") -> np.ndarray:
-    """(N, size, size) float32 of slices (N, H, W), resized as the classifier resizes its input (whole slice,
-    no crop), so that slices of volumes of different sizes train together."""
-    tensor = torch.as_tensor(np.ascontiguousarray(slices)).float()[:, None]
-    if mode == "nearest":
-        return F.interpolate(tensor, size=(size, size), mode="nearest")[:, 0].numpy()
-    return F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[:, 0].numpy()
 
 
 def held_out_cases(holdout_split: str | Path, cases: list[Case]) -> list[Case]:
