@@ -26,7 +26,7 @@ from clisc.models.catalogue import get_entry
 from clisc.models.classifier_builders import backbone_state_dict, build_backbone
 from clisc.models.validate import check_weights, load_checkpoint
 
-LITE0 = "efficientnet_lite0_imagenet"
+LITE0 = "efficientnet_lite0"
 CAT_CLASSES = {281, 282, 285}  # ImageNet: tabby, tiger cat, Egyptian cat
 ESPRESSO = 967
 
@@ -116,30 +116,39 @@ def test_auto_takes_the_shipped_backbone_when_the_resnet50_weights_are_absent(cl
 
 @pytest.mark.slow
 def test_pretrained_cams_find_brats_tumours_better_than_random_ones(lite0_file):
-    """Trained alike on one BraTS volume's slices (ground-truth slice labels), the ImageNet EfficientNet-Lite0's
-    LayerCAM puts more of its mass inside the tumour than the same network from random weights, and more than
-    the floor measured (bench_cam_layer.py) with a margin; chance is the tumour's share of the body."""
+    """Trained alike (the engine's `train_classifier`, 2 epochs at 128 px, ground-truth slice labels) on every
+    second axial slice of the 4 BraTS volumes, the ImageNet EfficientNet-Lite0's LayerCAM masks (the engine's
+    label-free `postprocess_cams`, on the tumour slices) overlap the tumours more than the same network's from
+    random weights, and at least the floor measured in this very setting (scripts/bench_cam_layer.py --every 2
+    --backbones lite0-imagenet,lite0-random) less a margin. Cannot show the full run's CAMs (no AMDA, the
+    classifier's gate replaced by the ground truth)."""
     from clisc.cohort.cases import body_mask, preprocess, to_truncated_uint8_slices
+    from clisc.cohort.classifier import postprocess_cams
+    from clisc.cohort.classifier_data import resized
+    from clisc.metrics import dice
     from clisc.readers import read_volume
 
-    brats = shared_data("brats2015") / "pat0001"
-    volume = read_volume(brats / "flair.nii.gz")
-    image, crop = preprocess(volume)
-    tumour = (read_volume(brats / "label.nii.gz").array > 0)[crop]
-    slices, body = to_truncated_uint8_slices(image)[::2], body_mask(volume.array)[crop][::2]
-    tumour = tumour[::2]
-    labels = tumour.any(axis=(1, 2)).astype(int)
-    shares = {}
+    cases = []
+    for folder in sorted(shared_data("brats2015").glob("pat*")):
+        volume = read_volume(folder / "flair.nii.gz")
+        image, crop = preprocess(volume)
+        tumour = (read_volume(folder / "label.nii.gz").array > 0)[crop][::2]
+        cases.append((to_truncated_uint8_slices(image)[::2], body_mask(volume.array)[crop][::2], tumour))
+    images = np.concatenate([resized(slices, 128).round().astype(np.uint8) for slices, _, _ in cases])
+    labels = np.concatenate([tumour.any(axis=(1, 2)).astype(int) for _, _, tumour in cases])
+    mean_dice = {}
     for name, weights in (("imagenet", lite0_file), ("random", None)):
         model = build_classifier(weights, architecture="efficientnet-lite0")
-        train_classifier(model, slices, labels, epochs=2, image_size=128)
-        positive = labels.astype(bool)
-        cams = layer_cam(model, slices[positive], image_size=128)
-        inside = body[positive]
-        shares[name] = cams[inside & tumour[positive]].sum() / cams[inside].sum()
-    chance = tumour[labels.astype(bool)].sum() / body[labels.astype(bool)].sum()
-    assert shares["imagenet"] > shares["random"]
-    assert shares["imagenet"] > FLOOR_IN_TUMOUR, (shares, chance)
+        train_classifier(model, images, labels, epochs=2, image_size=128)
+        scores = []
+        for slices, body, tumour in cases:
+            positive = tumour.any(axis=(1, 2))
+            cams = np.zeros(slices.shape, np.float32)
+            cams[positive] = layer_cam(model, slices[positive], image_size=128)
+            scores.append(dice(postprocess_cams(cams, body, positive), tumour))
+        mean_dice[name] = float(np.mean(scores))
+    assert mean_dice["imagenet"] > mean_dice["random"], mean_dice
+    assert mean_dice["imagenet"] >= MEASURED_CAM_DICE - 0.05, mean_dice
 
 
-FLOOR_IN_TUMOUR = 1.0  # set from the measurement
+MEASURED_CAM_DICE = 0.307  # bench_cam_layer.py --every 2, lite0-imagenet, blocks.4 (random weights: 0.064)

