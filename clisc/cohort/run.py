@@ -504,8 +504,9 @@ class CohortRun:
 def _changed_settings(saved: dict, config: dict) -> list[str]:
     """What differs between a run's saved config.json and the config of its resumption, in words."""
     changed = [key for key in ("cohort", "prompt", "normal_prompt", "abnormal_prompt") if saved[key] != config[key]]
+    saved_options = {"classifier": "resnet50", **saved["options"]}  # runs from before the choice were ResNet-50
     changed += [f"--{key.replace('_', '-')}" for key, value in config["options"].items()
-                if key not in RESUMABLE_CHANGES and saved["options"].get(key) != value]
+                if key not in RESUMABLE_CHANGES and saved_options.get(key) != value]
     if saved.get("held_out_cases", []) != config["held_out_cases"]:
         changed.append("the cases --holdout-split lists")
     return changed
