@@ -470,7 +470,7 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
 
 class CLISCTrainTest(ScriptedLoadableModuleTest):
     """In-Slicer self-test: a two-volume cohort from the scene, trained for one epoch in the real engine process
-    with a tiny CLIP of the real classes, a randomly initialised SAM vit_b and a random ResNet-50 classifier whose
+    with a tiny CLIP of the real classes, a randomly initialised LiteMedSAM and a random ResNet-50 classifier whose
     head is biased towards "abnormal" (a plain random one finds no abnormal slice: every pseudo-label would be
     empty, and the run stops before the U-Net). That shows the mechanics (Slicer's Python starting the engine,
     progress, results back in MRML on the volumes' grids), not accuracy."""
@@ -495,7 +495,7 @@ class CLISCTrainTest(ScriptedLoadableModuleTest):
             folder = Path(folder)
             self.delayDisplay("Writing tiny models with random weights")
             clip = save_random_clip(folder / "clip", TINY_CLIP_CONFIG)
-            sam = save_random_sam(folder / "sam_vit_b.pth")
+            sam = save_random_sam(folder / "litemedsam.pth", "litemedsam")
             classifier = build_classifier(seed=0)
             with torch.no_grad():
                 classifier.fc[-1].bias.copy_(torch.tensor([-4.0, 4.0]))

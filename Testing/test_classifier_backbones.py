@@ -10,6 +10,7 @@ from `scripts/bench_cam_layer.py`'s measurement with a margin.
 """
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -152,3 +153,24 @@ def test_pretrained_cams_find_brats_tumours_better_than_random_ones(lite0_file):
 
 
 MEASURED_CAM_DICE = 0.307  # bench_cam_layer.py --every 2, lite0-imagenet, blocks.4 (random weights: 0.064)
+
+
+def test_config_json_lists_the_backbone_and_random_weights_as_deviations(clisc_home, tmp_path):
+    from clisc.cohort.run import CohortRun
+    from clisc.deviations import CLASSIFIER_BACKBONE, RANDOM_CLASSIFIER
+    from clisc.volume import Volume
+    from clisc.writers import write_volume
+
+    (tmp_path / "cohort").mkdir()
+    write_volume(tmp_path / "cohort" / "a.nii.gz", Volume(np.ones((4, 4, 4), np.float32), np.eye(4)))
+    configs = {}
+    for name, options in (("lite0", CohortOptions()), ("random", CohortOptions(classifier_weights=None))):
+        run = CohortRun(tmp_path / "cohort", "brain tumor", tmp_path / name, options, clip=object(), sam=object())
+        configs[name] = json.loads(run.folder.config_file.read_text())
+    assert configs["lite0"]["options"]["classifier"] == "efficientnet-lite0"
+    assert configs["lite0"]["options"]["classifier_weights"] == LITE0
+    assert CLASSIFIER_BACKBONE["efficientnet-lite0"] in configs["lite0"]["deviations"]
+    assert RANDOM_CLASSIFIER not in configs["lite0"]["deviations"]
+    assert configs["random"]["options"]["classifier"] == "resnet50"
+    assert RANDOM_CLASSIFIER in configs["random"]["deviations"]
+    assert not any(text in configs["random"]["deviations"] for text in CLASSIFIER_BACKBONE.values())
