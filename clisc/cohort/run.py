@@ -256,7 +256,8 @@ class CohortRun:
             todo = [item for item in distributed.shard(items) if not output(item.case_id).is_file()]
             sizes = [slices(item) if slices else 1 for item in todo]
             total, done = sum(sizes), 0
-            self.report(step, 0, total)  # the bar starts with the stage, not after its first case
+            if todo:  # the bar starts with the stage's first case, not after it
+                self.report(step, 0, total, case=todo[0].case_id)
             for item, size in zip(todo, sizes):
                 self._check_cancel()
 
