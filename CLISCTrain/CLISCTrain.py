@@ -81,6 +81,7 @@ class CLISCTrainParameterNode:
     s3fRounds: int = 1
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     sam: str = ""
+    classifier: Annotated[str, Choice(["auto", "resnet50", "efficientnet-lite0"])] = "auto"
     applyVolume: vtkMRMLScalarVolumeNode
 
 
@@ -107,6 +108,7 @@ class CLISCTrainWidget(ModuleWidget):
         for pathEdit in (self.ui.cohortPath, self.ui.outputPath, self.ui.runPath):
             pathEdit.connect("currentPathChanged(QString)", self.updateGui)
         self.ui.runPath.connect("currentPathChanged(QString)", self._listCases)
+        self.ui.caseComboBox.connect("currentIndexChanged(int)", self.updateGui)
         for radio in (self.ui.cohortFromFilesRadio, self.ui.cohortFromSceneRadio):
             radio.connect("toggled(bool)", self.updateGui)
         self.ui.cohortVolumes.connect("checkedNodesChanged()", self.updateGui)
@@ -135,7 +137,7 @@ class CLISCTrainWidget(ModuleWidget):
         runDir = self.ui.runPath.currentPath
         finished = bool(runDir) and RunFolder(runDir).is_finished()
         hasCase = self.ui.caseComboBox.count > 0
-        self.ui.loadPseudoLabelButton.enabled = hasCase
+        self.ui.loadPseudoLabelButton.enabled = hasCase and not self._chosenCase()[1]  # held out: no pseudo-label
         self.ui.loadPredictionButton.enabled = hasCase and finished
         self.ui.applyButton.enabled = finished and parameters.applyVolume is not None
 
@@ -160,9 +162,12 @@ class CLISCTrainWidget(ModuleWidget):
                 cohort = self.ui.cohortPath.currentPath
             options = dict(classifier_epochs=parameters.classifierEpochs, unet_epochs=parameters.unetEpochs,
                            s3f_rounds=parameters.s3fRounds, device=parameters.device,
-                           stop_after=None if parameters.trainUNet else "pseudo_labels")
+                           stop_after=None if parameters.trainUNet else "pseudo_labels",
+                           classifier=parameters.classifier)
             if self.ui.labelsPath.currentPath:
                 options["labels"] = self.ui.labelsPath.currentPath
+            if self.ui.holdoutSplitPath.currentPath:
+                options["holdout_split"] = self.ui.holdoutSplitPath.currentPath
             if parameters.sam.strip():
                 options["sam"] = parameters.sam.strip()
             resume = RunFolder(outputDir).is_run()
@@ -206,12 +211,18 @@ class CLISCTrainWidget(ModuleWidget):
         self.ui.caseComboBox.clear()
         runDir = self.ui.runPath.currentPath
         if runDir and RunFolder(runDir).is_run():
+            heldOut = self.logic.heldOutCaseIds(runDir)
             for caseId in self.logic.caseIds(runDir):
-                self.ui.caseComboBox.addItem(caseId)
+                self.ui.caseComboBox.addItem(f"{caseId} (held out)" if caseId in heldOut else caseId, caseId)
         self.updateGui()
 
+    def _chosenCase(self) -> tuple:
+        """(case id, whether it is held out) of the case chosen in the review list."""
+        caseId = self.ui.caseComboBox.currentData
+        return caseId, caseId in self.logic.heldOutCaseIds(self.ui.runPath.currentPath)
+
     def onLoadCase(self, kind: str) -> None:
-        caseId = self.ui.caseComboBox.currentText
+        caseId = self._chosenCase()[0]
         title = self.logic.resultTitle(kind)
         loaded = self._runWithProgressDialog(
             f"Could not load the {title}.", f"Loading {caseId}...",
@@ -352,11 +363,22 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def caseIds(runDir) -> list:
-        """The cases of a run that have a pseudo-label."""
+        """The cases of a run to review: those that have a pseudo-label, then its held-out cases (`heldOutCaseIds`:
+        no pseudo-label, a prediction once the run has finished)."""
         from clisc.cohort.run_folder import RunFolder
 
         run = RunFolder(runDir)
-        return [caseId for caseId in run.cases() if run.result(caseId, "pseudo_label").is_file()]
+        heldOut = CLISCTrainLogic.heldOutCaseIds(runDir)
+        return [caseId for caseId in run.cases()
+                if caseId not in heldOut and run.result(caseId, "pseudo_label").is_file()] + heldOut
+
+    @staticmethod
+    def heldOutCaseIds(runDir) -> list:
+        """The cases a run kept out of every stage (its --holdout-split)."""
+        from clisc.cohort.run_folder import RunFolder
+
+        run = RunFolder(runDir)
+        return run.held_out_cases() if runDir and run.is_run() else []
 
     def loadCase(self, runDir, caseId, result="pseudo_label", device="auto", progress=None, cancel=None):
         """Load a case's input volume (once; later calls reuse its node) and its pseudo-label or prediction
@@ -448,9 +470,10 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
 
 class CLISCTrainTest(ScriptedLoadableModuleTest):
     """In-Slicer self-test: a two-volume cohort from the scene, trained for one epoch in the real engine process
-    with a tiny CLIP of the real classes, a randomly initialised SAM vit_b and a random classifier. That shows
-    the mechanics (Slicer's Python starting the engine, progress, results back in MRML on the volumes' grids),
-    not accuracy: a random classifier finds no abnormal slice, so the pseudo-labels are empty."""
+    with a tiny CLIP of the real classes, a randomly initialised LiteMedSAM and a random ResNet-50 classifier whose
+    head is biased towards "abnormal" (a plain random one finds no abnormal slice: every pseudo-label would be
+    empty, and the run stops before the U-Net). That shows the mechanics (Slicer's Python starting the engine,
+    progress, results back in MRML on the volumes' grids), not accuracy."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -463,6 +486,8 @@ class CLISCTrainTest(ScriptedLoadableModuleTest):
         import tempfile
 
         import numpy as np
+        import torch
+        from clisc.cohort.classifier import build_classifier
         from clisc.cohort.run_folder import RunFolder
         from clisc.models.random_weights import TINY_CLIP_CONFIG, save_random_clip, save_random_sam
 
@@ -470,7 +495,11 @@ class CLISCTrainTest(ScriptedLoadableModuleTest):
             folder = Path(folder)
             self.delayDisplay("Writing tiny models with random weights")
             clip = save_random_clip(folder / "clip", TINY_CLIP_CONFIG)
-            sam = save_random_sam(folder / "sam_vit_b.pth")
+            sam = save_random_sam(folder / "litemedsam.pth", "litemedsam")
+            classifier = build_classifier(seed=0)
+            with torch.no_grad():
+                classifier.fc[-1].bias.copy_(torch.tensor([-4.0, 4.0]))
+            torch.save(classifier.state_dict(), folder / "classifier.pt")
             k, j, i = np.indices((6, 32, 32))
             nodes = []
             for n in range(2):
@@ -482,7 +511,8 @@ class CLISCTrainTest(ScriptedLoadableModuleTest):
             self.delayDisplay("Training in the engine process")
             logic = CLISCTrainLogic()
             summary = logic.run(nodes, "tumor", folder / "run", wait=True, clip=str(clip), sam=str(sam),
-                                classifier_weights=None, classifier_epochs=1, classifier_image_size=32,
+                                classifier="resnet50", classifier_weights=str(folder / "classifier.pt"),
+                                classifier_epochs=1, classifier_image_size=32,
                                 unet_epochs=1, patch_size=32, s3f_rounds=0, device="cpu")
             self.assertEqual(summary["loaded"], 2)
             self.assertTrue(RunFolder(folder / "run").is_finished())

@@ -123,7 +123,7 @@ def test_train_writes_every_stage_output(cli_run, cohort):
     trained, folder = build_classifier(run_dir / "classifier" / "classifier.pt"), RunFolder(run_dir)
     for case in CASES:
         stored = open_case(Case(case, cohort / "images" / f"{case}.nii.gz"), folder.preprocessed(case))
-        gate = classify(trained, stored.slices(), image_size=OPTIONS["classifier_image_size"]) > 0.5
+        gate = classify(trained, stored.classifier_slices(), image_size=OPTIONS["classifier_image_size"]) > 0.5
         assert gate.any()
         np.testing.assert_array_equal(np.load(folder.cams(case, amda=False))["positive"], gate)
     for round_ in (0, 1):

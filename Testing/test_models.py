@@ -278,7 +278,7 @@ def test_classifier_weights_are_checked_against_torchvision_resnet50(tmp_path):
     check_weights(entry, good)
     bad = tmp_path / "other.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 3, 3)}, bad)
-    with pytest.raises(InputError, match="other.pth: not a torchvision resnet50 checkpoint.*Missing key"):
+    with pytest.raises(InputError, match="other.pth: not an ImageNet resnet50 checkpoint.*Missing key"):
         check_weights(entry, bad)
 
 

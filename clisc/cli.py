@@ -304,8 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--abnormal-prompt", metavar="TEXT", help="CLIP's 'abnormal slice' text (default: derived)")
     train.add_argument("--clip", metavar="NAME|DIR", help="CLIP (default clip_vit_b32, the paper's)")
     train.add_argument("--sam", metavar="NAME|FILE", help="SAM (default sam_vit_b)")
+    train.add_argument("--classifier", choices=["auto", "resnet50", "efficientnet-lite0"],
+                       help="slice classifier backbone (default auto: resnet50 when its ImageNet weights are "
+                            "installed, else efficientnet-lite0, whose ImageNet weights ship with CLISC)")
     train.add_argument("--classifier-weights", metavar="NAME|FILE|none",
-                       help="ResNet-50 start weights (default resnet50_imagenet; none: random)")
+                       help="classifier start weights (default: the backbone's ImageNet weights; none: random)")
     train.add_argument("--clip-threshold", type=float, metavar="F",
                        help="CLIP confidence to label a slice (default 0.6)")
     train.add_argument("--classifier-epochs", type=int, metavar="N", help="slice classifier epochs (default 20)")

@@ -36,3 +36,11 @@ COHORT = {
                             "volume to 128³)",
     "S3F keeps at least one case": "floor(N · keep) of the ranked cases, but at least one",
 }
+
+# Added to a run's list when they apply (clisc.cohort.run).
+CLASSIFIER_BACKBONE = {
+    "efficientnet-lite0": "slice classifier: EfficientNet-Lite0 (ImageNet weights shipped in a Python package) in "
+                          "place of the paper's ResNet-50, LayerCAM on its last stride-16 stage (blocks.4) in place "
+                          "of layer3",
+}
+RANDOM_CLASSIFIER = "slice classifier starts from random weights (the paper's starts from ImageNet weights)"

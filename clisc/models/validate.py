@@ -13,7 +13,8 @@ architecture, built on the meta device (no memory is allocated for it):
   every setting that changes what is computed, such as the activation, widths, layers, patch and image size,
   context length, vocabulary, embedding size and the pixel normalisation), and the weights load strictly (as
   open_clip loads them) into the model open_clip builds from that config;
-- classifier: the state dict loads strictly into torchvision's model of that name (``resnet50``).
+- classifier: the state dict loads strictly into the ImageNet model `classifier_builders.build_backbone` makes
+  (``resnet50``, ``efficientnet-lite0``).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ import torch
 from ..errors import InputError
 from ..torchvision_compat import import_torchvision
 from .catalogue import ModelEntry
+from .classifier_builders import backbone_state_dict, build_backbone
 from .download import html_page
 from .sam_builders import build_sam
 
@@ -247,15 +249,12 @@ def _setting(value, key: str) -> str:
 
 
 def _check_classifier(path: Path, architecture: str) -> None:
-    import_torchvision()
-    import torchvision.models
-
-    state_dict = load_checkpoint(path)
+    state_dict = backbone_state_dict(architecture, load_checkpoint(path))
     with _quietly(), torch.device("meta"):
-        model = getattr(torchvision.models, architecture)()
+        model = build_backbone(architecture)
         problem = _strict_load_problem(lambda: model.load_state_dict(state_dict))
     if problem is not None:
-        raise InputError(f"{path}: not a torchvision {architecture} checkpoint: {problem}. Use the catalogue's file.")
+        raise InputError(f"{path}: not an ImageNet {architecture} checkpoint: {problem}. Use the catalogue's file.")
 
 
 def _strict_load_problem(load: Callable[[], object]) -> Optional[str]:
