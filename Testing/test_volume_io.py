@@ -13,7 +13,7 @@ import slicerio
 from conftest import shared_data, write_dicom_series
 
 from clisc import writers
-from clisc.errors import InputError
+from clisc.errors import InputError, WriteError
 from clisc.readers import read_volume
 from clisc.volume import LPS_TO_RAS, Volume
 from clisc.writers import atomic_path, remove_partial_files, write_bytes, write_masks, write_segmentation, write_volume
@@ -325,7 +325,7 @@ def test_seg_nrrd_writes_non_ascii_names_as_utf8_as_slicer_does(tmp_path, monkey
 
     monkeypatch.setattr(writers, "_restore_utf8", fail)
     (tmp_path / "failed").mkdir()
-    with pytest.raises(OSError, match="no space"):
+    with pytest.raises(WriteError, match="no space.*Nothing was written under that name"):
         write_masks(tmp_path / "failed" / "prompt.seg.nrrd", masks, names, volume)
     assert list((tmp_path / "failed").iterdir()) == []
 
@@ -349,7 +349,7 @@ def test_mhd_header_refers_to_its_data_file_by_the_final_name(tmp_path, monkeypa
 
     monkeypatch.setattr(writers, "_keep_mode", fail)
     (tmp_path / "failed").mkdir()
-    with pytest.raises(OSError, match="no space"):
+    with pytest.raises(WriteError, match="no space.*Nothing was written under that name"):
         write_volume(tmp_path / "failed" / "out.mhd", volume)
     assert list((tmp_path / "failed").iterdir()) == []
 

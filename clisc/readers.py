@@ -39,7 +39,7 @@ def read_volume(path: str | Path, series_uid: Optional[str] = None) -> Volume:
 
     Raises:
         InputError: missing path, unreadable or non-image file, a truncated or corrupt NIfTI (see
-            `_check_nifti`), folder without DICOM, 4D or multi-component (non-RGB) image, or an image with a
+            `check_nifti`), folder without DICOM, 4D or multi-component (non-RGB) image, or an image with a
             zero-length dimension.
     """
     import SimpleITK as sitk
@@ -51,7 +51,7 @@ def read_volume(path: str | Path, series_uid: Optional[str] = None) -> Volume:
         image = _read_dicom_series(path, series_uid)
     else:
         if path.name.lower().endswith((".nii", ".nii.gz")):
-            _check_nifti(path)
+            check_nifti(path)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as error:
@@ -63,7 +63,7 @@ def read_volume(path: str | Path, series_uid: Optional[str] = None) -> Volume:
     return _to_volume(image, path)
 
 
-def _check_nifti(path: Path) -> None:
+def check_nifti(path: Path) -> None:
     """Refuse a single-file NIfTI-1 or NIfTI-2 (gzipped or not) that SimpleITK would read without complaint
     although it is broken: a header with a zero-length dimension (read as length 1), a gzip stream that
     ends early or fails its CRC, or less data than the header describes (vox_offset + voxels × bitpix / 8;

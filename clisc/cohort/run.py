@@ -24,13 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__, deviations
-from ..errors import Cancelled, InputError
+from ..errors import Cancelled, InputError, WriteError
 from ..precision import DTYPES
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..protocols import SliceClassifier
 from ..readers import read_volume
 from ..result import resolve_device
-from ..writers import write_labelmap
+from ..writers import reporting_write_errors, write_labelmap
 from . import distributed
 from .case_store import SliceFile, StoredCase, TrainingPairs, is_stored, open_case, store_case
 from .cases import Case, list_cohort, read_case_list, uncrop
@@ -212,6 +212,8 @@ class CohortRun:
             if not is_stored(folder) and case.case_id not in skipped:
                 try:
                     store_case(case, folder)
+                except WriteError:  # a full disk: not the case's fault, and the next case would fail too
+                    raise
                 except Exception as error:  # noqa: BLE001 - any unreadable case is reported and skipped
                     self._skip(case, "load", error)
             self.report(stage, n + 1, len(mine), case=case.case_id)
@@ -230,7 +232,7 @@ class CohortRun:
                 if not output(item.case_id).is_file():
                     try:
                         work(item)
-                    except Cancelled:
+                    except (Cancelled, WriteError):
                         raise
                     except Exception as error:  # noqa: BLE001 - one failing case must not stop the cohort
                         self._skip(item.case, step, error)
@@ -271,8 +273,9 @@ class CohortRun:
                 if not any((self._slice_label_of(item) >= 0).any() for item in items):
                     raise InputError(f"CLIP labelled no slice with confidence >= {self.options.clip_threshold}; "
                                      "try other --normal-prompt/--abnormal-prompt, or a lower CLIP threshold")
-                images, labels = classifier_training_set(self.folder, items, amda, scratch,
-                                                         self.options.classifier_image_size, self.options.seed)
+                with reporting_write_errors(scratch):
+                    images, labels = classifier_training_set(self.folder, items, amda, scratch,
+                                                             self.options.classifier_image_size, self.options.seed)
                 logger.info("%s: %d slices (%d abnormal)", step, len(labels), int(labels.sum()))
                 model = self._new_classifier()
                 losses = train_classifier(model, images, labels, self.options.classifier_epochs,
