@@ -17,7 +17,8 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 
 from .errors import InputError, WriteError
-from .readers import VOLUME_SUFFIXES, check_nifti
+from .nifti import check_nifti
+from .readers import VOLUME_SUFFIXES
 from .volume import Volume
 
 SEGMENTATION_SUFFIX = ".seg.nrrd"
@@ -220,8 +221,9 @@ def write_segmentation(
     Non-ASCII names and tags are written as UTF-8 bytes in the NRRD header, as 3D Slicer writes them (its
     strings are UTF-8 and its NRRD writer, teem, copies the bytes) and reads them back (ITK's NRRD reader,
     as SimpleITK's). pynrrd, which slicerio uses, writes ASCII only, so they go through it as ASCII stand-ins
-    (see `_restore_utf8`). Note that pynrrd 1.1 reads headers as ASCII and drops the other bytes, so
-    ``slicerio.read_segmentation`` returns such names without their non-ASCII characters.
+    (see `_restore_utf8`). pynrrd 1.1 also reads headers as ASCII and drops the other bytes, so
+    ``slicerio.read_segmentation`` returns such names without their non-ASCII characters:
+    `clisc.readers.read_segmentation` returns them exactly.
     """
     import slicerio
 
