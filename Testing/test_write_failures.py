@@ -150,3 +150,27 @@ def test_every_writer_on_a_full_disk_raises_naming_the_file_and_leaves_no_partia
     assert {path.relative_to(tmp_path).as_posix() for path in left if path.is_file()} == {"download/model.bin.part"}
     assert "model.bin.part" in errors["model.bin"] and "resume" in errors["model.bin"]
     assert not any(path.is_file() for path in home.rglob("*"))
+
+
+def test_a_cohort_run_stops_at_a_failed_write_instead_of_skipping_every_case(tmp_path, monkeypatch):
+    """A case that cannot be read is skipped and the others go on; a full disk is no fault of the case."""
+    import clisc.cohort.run
+    from clisc.cohort.options import CohortOptions
+    from clisc.cohort.run import run_cohort
+    from clisc.errors import WriteError
+    from clisc.writers import write_failed
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for case in ("a", "b"):
+        sitk.WriteImage(sitk.GetImageFromArray(noise((4, 16, 16))), str(images / f"{case}.nii.gz"))
+    (tmp_path / "sam.pth").write_bytes(b"never loaded")
+
+    def full_disk(case, folder):
+        raise write_failed(folder / "image.npy", "No space left on device")
+
+    monkeypatch.setattr(clisc.cohort.run, "store_case", full_disk)
+    options = CohortOptions(clip=str(tmp_path), sam=str(tmp_path / "sam.pth"), classifier_weights=None, device="cpu")
+    with pytest.raises(WriteError, match=r"a/image.npy: could not be written \(No space left on device\)"):
+        run_cohort(images, "brain tumor", tmp_path / "run", options)
+    assert list((tmp_path / "run" / "skipped").iterdir()) == []

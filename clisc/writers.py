@@ -1,7 +1,7 @@
 """Write masks and volumes on the grid of a reference `Volume`: labelmaps, Slicer `.seg.nrrd`, float maps.
 
 Every writer writes to a temporary file beside the target, checks that the write was complete, and only then
-renames it into place, so a failure (a full disk), or a cancellation never leaves a half-written file under
+renames it into place, so a failure (a full disk) or a cancellation never leaves a half-written file under
 the final name, and never replaces an existing file with one. A failed write raises `WriteError`.
 """
 from __future__ import annotations
