@@ -29,8 +29,9 @@ ALGORITHM_TYPE_TAG, ALGORITHM_NAME_TAG, ALGORITHM_NAME = "DICOM.SegmentAlgorithm
 
 def volumeFromNode(volumeNode):
     """A `clisc.volume.Volume` holding a copy of the node's voxels (K, J, I) and its IJK→RAS. A colour image (a
-    loaded PNG/JPG: (K, J, I, 3 or 4)) becomes its grey level by `clisc.readers.rgb_to_grey`, as the CLI reads it."""
-    from clisc.readers import rgb_to_grey
+    loaded PNG/JPG: (K, J, I, 3 or 4)) becomes its grey level by `clisc.readers.rgb_to_grey`, and NaN or infinite
+    voxels are replaced (`clisc.readers.replace_non_finite`, with a warning), as the CLI reads it."""
+    from clisc.readers import replace_non_finite, rgb_to_grey
     from clisc.volume import Volume
 
     array = slicer.util.arrayFromVolume(volumeNode).copy()
@@ -38,7 +39,7 @@ def volumeFromNode(volumeNode):
         array = rgb_to_grey(array)
     matrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(matrix)
-    return Volume(array, slicer.util.arrayFromVTKMatrix(matrix), volumeNode.GetName())
+    return replace_non_finite(Volume(array, slicer.util.arrayFromVTKMatrix(matrix), volumeNode.GetName()))
 
 
 def volumeGeometry(volumeNode):

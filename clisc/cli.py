@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--report", metavar="FILE.json", help="write what was done, with timings and models")
     segment.add_argument("--seed", type=int)
     segment.add_argument("--runtime", choices=["auto", "torch", "openvino", "onnxruntime"], help="CPU runtime (auto)")
-    segment.add_argument("--series", metavar="UID", help="DICOM series to read from a folder holding several")
+    segment.add_argument("--series", metavar="UID|FILE", help="DICOM series of a folder with several: UID or a file")
     segment.add_argument("--dicom-seg", metavar="DIR",
                          help="also write a DICOM SEG (DIR/clisc_seg.dcm) referencing the input DICOM series")
     segment.add_argument("--overwrite", action="store_true", help="replace existing output files")

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from .. import __version__, deviations
-from ..errors import Cancelled, InputError
+from ..errors import Cancelled, InputError, WriteError
 from ..precision import DTYPES
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..protocols import SliceClassifier
 from ..readers import read_volume
 from ..result import resolve_device
-from ..writers import write_labelmap
+from ..writers import reporting_write_errors, write_labelmap
 from . import distributed
 from .case_store import StoredCase, TrainingPairs, is_stored, open_case, store_case
 from .cases import Case, list_cohort, read_case_list, uncrop
@@ -241,6 +241,8 @@ class CohortRun:
             if not is_stored(folder) and case.case_id not in skipped:
                 try:
                     store_case(case, folder)
+                except WriteError:  # a full disk: not the case's fault, and the next case would fail too
+                    raise
                 except Exception as error:  # noqa: BLE001 - any unreadable case is reported and skipped
                     self._skip(case, "load", error)
             self.report(stage, n + 1, len(mine), case=case.case_id)
@@ -270,7 +272,7 @@ class CohortRun:
 
                 try:
                     work(item, inside) if slices else work(item)
-                except Cancelled:
+                except (Cancelled, WriteError):
                     raise
                 except Exception as error:  # noqa: BLE001 - one failing case must not stop the cohort
                     self._skip(item.case, step, error)
@@ -314,8 +316,9 @@ class CohortRun:
                     raise InputError(f"CLIP labelled no slice with confidence >= {self.options.clip_threshold} "
                                      "(--clip-threshold); try other --normal-prompt/--abnormal-prompt, or a lower "
                                      "--clip-threshold")
-                images, labels = classifier_training_set(self.folder, items, amda, scratch,
-                                                         self.options.classifier_image_size, self.options.seed)
+                with reporting_write_errors(scratch):
+                    images, labels = classifier_training_set(self.folder, items, amda, scratch,
+                                                             self.options.classifier_image_size, self.options.seed)
                 logger.info("%s: %d slices (%d abnormal)", step, len(labels), int(labels.sum()))
                 model = self._new_classifier()
                 losses = train_classifier(model, images, labels, self.options.classifier_epochs,
