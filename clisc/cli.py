@@ -305,7 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the target's method settings: " + "; ".join(f"{p.name}: {p.description}"
                                                                            for p in PROFILES.values())
                               + " (default auto: from each prompt's words; the report says which and why)")
-    segment.add_argument("--beta", type=float, metavar="B", help="M2IB's β (profile: 2 tumor, 1 otherwise)")
+    segment.add_argument("--beta", type=float, metavar="B",
+                         help="M2IB's β (default: 2 when the prompt names the brain, else 1)")
     segment.add_argument("--components", type=int, metavar="K", help="components kept per slice (and in 3D)")
     segment.add_argument("--box-per-component", action=argparse.BooleanOptionalAction,
                          help="one SAM box per component (paired organs) or one around all")
