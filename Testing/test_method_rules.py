@@ -128,7 +128,8 @@ def test_coarse_mask_clusters_the_map_at_256_and_comes_back_by_nearest_neighbour
     # the round trip by pixel centres does not move a mask; OpenCV's floor rule (the reference's) would
     tumour = truth[k]
     there = tumour[np.ix_((2 * np.arange(256) + 1) * height // 512, (2 * np.arange(256) + 1) * width // 512)]
-    back = there[np.ix_((2 * np.arange(height) + 1) * 256 // (2 * height), (2 * np.arange(width) + 1) * 256 // (2 * width))]
+    back = there[np.ix_((2 * np.arange(height) + 1) * 256 // (2 * height),
+                        (2 * np.arange(width) + 1) * 256 // (2 * width))]
     floor_there = tumour[np.ix_(np.arange(256) * height // 256, np.arange(256) * width // 256)]
     floor_back = floor_there[np.ix_(np.arange(height) * 256 // height, np.arange(width) * 256 // width)]
     centre = np.argwhere(tumour).mean(axis=0)

@@ -3,8 +3,9 @@
 A profile fixes M2IB's β, how many connected components the 2D coarse mask keeps (K) and whether each gets
 its own SAM box, the SAM prompt type, and the 3D component rule. β is 1 in every profile, MedCLIP-SAMv2's
 setting for breast ultrasound; its brain MRI setting, 2, is given (with "auto") to a prompt that names the
-brain or a brain tumour, whatever the profile. K = 2 with a box per component is its paired-organ (lung) mode. The 3D rule is not in either paper: keeping only the largest 3D component is ours, and it
-deletes every lesion but one in a multifocal case, hence the "lesion" profile.
+brain or a brain tumour, whatever the profile. K = 2 with a box per component is its paired-organ (lung)
+mode. The 3D rule is not in either paper: keeping only the largest 3D component is ours, and it deletes
+every lesion but one in a multifocal case, hence the "lesion" profile.
 
 Standard library only (with `clisc.errors`): the CLI's parser and the Slicer module import it before the
 environment check and before CLISC's packages are installed.

@@ -3,10 +3,11 @@
 Activations: the last block's MLP-norm output, as for :mod:`~clisc.saliency.gradcam` (see there for the
 channel gradient). The ``top_k`` channels with the largest mean gradient are kept; each one's map,
 upsampled (bilinear, corners aligned as in the authors' code) and min-max normalised, masks the input
-image, and the masked image is scored against the text. The softmax of those scores (as CLIP logits, ``logit_scale.exp() * cosine``, as in the authors' code)
-weights the channels: CAM = ReLU(sum of weight * activation map). The authors' code puts the softmax over
-all channels with score 0 for the channels not kept; here it runs over the kept channels only (a documented
-deviation: with small logits the unkept channels' exp(0) terms dominate the reference's weights).
+image, and the masked image is scored against the text. The softmax of those scores (as CLIP logits,
+``logit_scale.exp() * cosine``, as in the authors' code) weights the channels: CAM = ReLU(sum of weight *
+activation map). The authors' code puts the softmax over all channels with score 0 for the channels not
+kept; here it runs over the kept channels only (a documented deviation: with small logits the unkept
+channels' exp(0) terms dominate the reference's weights).
 
 Cost: one forward and backward pass, then ``top_k`` forward passes of masked images (300 by default), run
 ``batch_size`` at a time across all the images' channels. That is about six times M2IB's work on a ViT-B/16
@@ -65,8 +66,8 @@ def gscorecam_saliency(
         activations, gradients = last_block_activations(model, images, text, autocast_dtype)
         channel_maps = patch_grid(activations)  # (B, D, g, g)
         kept = gradients.mean(dim=1).topk(min(top_k, channel_maps.shape[1]), dim=1).indices  # (B, K)
-        maps = channel_maps[torch.arange(len(images))[:, None], kept]  # (B, K, g, g)
-        owner = torch.arange(len(images)).repeat_interleave(kept.shape[1])  # the image of each masked pass
+        maps = channel_maps[torch.arange(len(images), device=kept.device)[:, None], kept]  # (B, K, g, g)
+        owner = torch.arange(len(images), device=images.device).repeat_interleave(kept.shape[1])  # image of each pass
         flat_maps, scores = maps.flatten(0, 1), []
         for start in range(0, len(flat_maps), batch_size):
             if cancel is not None:
