@@ -34,9 +34,10 @@ COHORT = {
     "classifier normalisation": "classifier input normalised with the ImageNet mean and std (the reference feeds "
                                 "raw [0, 1] to ImageNet weights)",
     "CAM inside the body": "CAM voxels outside the body mask are set to 0",
-    "S3F inside the body": "S3F's re-segmentation is restricted to the body mask before its Dice with the U-Net's "
-                           "prediction (the reference multiplies by img != 0 on an image it has z-scored, whose "
-                           "background is not 0, so in effect it restricts nothing)",
+    "pseudo-labels and S3F inside the body": "SAM's pseudo-labels, and S3F's re-segmentation before its Dice with "
+                                             "the U-Net's prediction, are restricted to the body mask (the reference "
+                                             "multiplies both by img != 0 on an image it has z-scored, whose "
+                                             "background is not 0, so in effect it restricts nothing)",
     "label-free CAM threshold": "the CAM is binarised by Otsu or k-means inside the body; the reference tunes its "
                                 "threshold on labelled validation data and computes CAMs on ground-truth positive "
                                 "slices",

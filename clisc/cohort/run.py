@@ -326,7 +326,7 @@ class CohortRun:
         return self._segmenter
 
     def _pseudo_label(self, item: StoredCase) -> None:
-        """SAM prompted from the enhanced CAM mask, kept inside the body (as the released code does)."""
+        """SAM prompted from the enhanced CAM mask, kept inside the body (a listed deviation, as for S3F)."""
         from .pseudo_labels import sam_pseudo_label
 
         mask = np.load(self.folder.cams(item.case_id, amda=True))["mask"]
