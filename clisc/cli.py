@@ -256,12 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--clip", metavar="NAME|DIR", help="CLIP: catalogue name or open_clip folder")
     segment.add_argument("--sam", metavar="NAME|FILE",
                          help="SAM: catalogue name (litemedsam, sam_vit_b, ...) or checkpoint file")
-    segment.add_argument("--saliency", choices=["m2ib", "gscorecam", "gradcam"])
+    segment.add_argument("--saliency", choices=["m2ib", "gscorecam", "gradcam"],
+                         help="the saliency method (default the preset's, m2ib); gradcam is the quick one (one forward "
+                              "and backward pass, the weakest maps), gscorecam the slowest (300 masked passes, about "
+                              "6x M2IB's work)")
     segment.add_argument("--profile", default="auto", metavar="auto|" + "|".join(PROFILES),
                          help="the target's method settings: " + "; ".join(f"{p.name}: {p.description}"
                                                                            for p in PROFILES.values())
                               + " (default auto: from each prompt's words; the report says which and why)")
-    segment.add_argument("--beta", type=float, metavar="B", help="M2IB's β (profile: 2 tumor, 1 otherwise)")
+    segment.add_argument("--beta", type=float, metavar="B",
+                         help="M2IB's β (default: 2 when the prompt names the brain, else 1)")
     segment.add_argument("--components", type=int, metavar="K", help="components kept per slice (and in 3D)")
     segment.add_argument("--box-per-component", action=argparse.BooleanOptionalAction,
                          help="one SAM box per component (paired organs) or one around all")

@@ -9,7 +9,7 @@ Each row replaces some stages by ground truth (an "oracle") and runs the rest wi
     box, so slice selection is perfect; a normal BUSI image scores 1 trivially). Measured on each image view
     a later row gives SAM: "zeroshot" (`clisc.zeroshot.percentile_window_uint8` of the volume, as
     `ZeroShotSegmenter` feeds SAM), "clisc" (the cohort's pre-processing: body crop, clip, z-score, per-slice
-    min-max to uint8, then `pseudo_labels.equalised_rgb`, as `sam_pseudo_label` feeds SAM) and, for CT,
+    min-max truncated to uint8, then `pseudo_labels.sam_image`, as `sam_pseudo_label` feeds SAM) and, for CT,
     "ct-window" (soft-tissue window, level 40 HU, width 400 HU, 3 equal channels).
 (b) Zero-shot pipeline from the coarse mask on. Oracles: the saliency map, made from the ground truth with
     the perturbations below, and slice selection (a volume's slices without target get a flat map, so only
@@ -89,7 +89,7 @@ import torch
 from scipy import ndimage
 
 from clisc.cohort import pseudo_labels
-from clisc.cohort.cases import body_mask, preprocess, to_uint8_slices, uncrop
+from clisc.cohort.cases import body_mask, minmax_slices, preprocess, to_uint8_slices, uncrop
 from clisc.cohort.classifier import postprocess_cams
 from clisc.cohort.options import CohortOptions
 from clisc.metrics import EMPTY_CASE_RULE, NSD_TOLERANCE_MM, evaluate
@@ -233,10 +233,11 @@ def zeroshot_view(case: Case) -> View:
 
 def cohort_view(case: Case) -> View:
     """Slices as the cohort run gives them to `sam_pseudo_label`: `preprocess` (body crop, clip, z-score),
-    `to_uint8_slices`, `equalised_rgb`; axial (K) slices of the cropped grid."""
+    `minmax_slices`, `sam_image` (truncated to uint8, equalised); axial (K) slices of the cropped grid."""
     image, crop = preprocess(case.volume)
     slices = to_uint8_slices(image)
-    return View("clisc", np.stack([pseudo_labels.equalised_rgb(s) for s in slices]), case.truth[crop],
+    sam_images = np.stack([pseudo_labels.sam_image(s) for s in minmax_slices(image, np.float64)])
+    return View("clisc", sam_images, case.truth[crop],
                 lambda mask: uncrop(mask, crop, case.truth.shape), body_mask(case.volume.array)[crop], slices)
 
 

@@ -378,7 +378,7 @@ class CohortRun:
         return np.load(self.folder.cams(item.case_id, amda=True))["mask"]
 
     def _pseudo_label(self, item: StoredCase, progress: ProgressCallback) -> None:
-        """SAM prompted from the enhanced CAM mask, kept inside the body (as the released code does); progress
+        """SAM prompted from the enhanced CAM mask, kept inside the body (a listed deviation, as for S3F); progress
         per slice SAM segments."""
         from .pseudo_labels import sam_pseudo_label
 
