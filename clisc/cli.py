@@ -17,6 +17,7 @@ from . import __version__
 from .environment import check_environment
 from .errors import Cancelled, InputError
 from .profiles import PROFILES, PROMPT_TYPES
+from .server.command import add_command as add_serve_command
 
 logger = logging.getLogger("clisc")
 
@@ -423,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
     path = model_commands.add_parser("path", help="where models are cached, or where one model is")
     path.add_argument("name", nargs="?")
     path.set_defaults(run=_models_path)
+    add_serve_command(commands)
     return parser
 
 
