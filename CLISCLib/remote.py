@@ -14,6 +14,8 @@ are used: the module files' remote mode installs nothing else.
 import json
 import socket
 import ssl
+import threading
+from collections import OrderedDict
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -162,11 +164,10 @@ class EngineServer:
 
 
 class RemoteSession:
-    """A volume on a server (`EngineServer.openSession`). ``axes``: the slice axis the server resolves for auto,
-    axial, coronal and sagittal on this volume's grid; ``jobs``: the ids of the jobs run, in order."""
+    """A volume on a server (`EngineServer.openSession`); ``jobs``: the ids of the jobs run on it, in order."""
 
     def __init__(self, server: EngineServer, answer: dict, volume) -> None:
-        self.server, self.id, self.axes = server, answer["session"], answer["axes"]
+        self.server, self.id = server, answer["session"]
         self.jobs: List[str] = []
         self.shape, self.ijk_to_ras = tuple(answer["shape"]), np.asarray(volume.ijk_to_ras, dtype=float)
 
@@ -262,6 +263,46 @@ class RemoteSession:
             raise ServerError(f"the server sent a result on another grid ({array.shape[-3:]} voxels) than the "
                               f"volume's ({self.shape}): it was not written")
         return decoded
+
+
+class VolumeSessions:
+    """The sessions of the volumes a Slicer module works on, on one server: a volume is uploaded once and its session
+    reused while its voxels and geometry are unchanged (its ``signature``), for the ``limit`` volumes used last (an
+    older one's session is closed, freeing it on the server)."""
+
+    def __init__(self, server: EngineServer, limit: int = 3) -> None:
+        self.server, self.limit = server, limit
+        self._sessions = OrderedDict()  # volume key -> (signature, RemoteSession)
+        self._lock = threading.Lock()
+
+    def prepare(self, key, signature, volume: Callable) -> Callable:
+        """On the main thread: a function ``(progress, cancel) -> RemoteSession`` for a worker thread, which uploads
+        ``volume()`` (called here, now, only when the kept session does not hold this signature)."""
+        with self._lock:
+            kept = self._sessions.get(key)
+        if kept is not None and kept[0] == signature:
+            return lambda progress=None, cancel=None: kept[1]
+        copy = volume()
+
+        def upload(progress=None, cancel=None) -> RemoteSession:
+            session = self.server.openSession(copy, progress, cancel)
+            with self._lock:
+                dropped = [self._sessions.pop(key, (None, None))[1]]
+                self._sessions[key] = (signature, session)
+                while len(self._sessions) > self.limit:
+                    dropped.append(self._sessions.popitem(last=False)[1][1])
+            for old in dropped:
+                if old is not None:
+                    old.close()
+            return session
+
+        return upload
+
+    def close(self) -> None:
+        with self._lock:
+            sessions, self._sessions = [kept[1] for kept in self._sessions.values()], OrderedDict()
+        for session in sessions:
+            session.close()
 
 
 class _Upload:

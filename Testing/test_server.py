@@ -248,7 +248,7 @@ def test_refine_requests_are_checked(client, served):
     with pytest.raises(InputError, match="outside the volume"):  # the engine's own check, through the job
         session.refine(np.zeros(volume.array.shape, bool), 7, points=[(5, 5)], sam="tiny-sam")
     with pytest.raises(InputError, match="no session"):
-        remote.RemoteSession(client, {"session": "gone", "axes": {}, "shape": [2, 96, 96]}, volume).segment(["x"])
+        remote.RemoteSession(client, {"session": "gone", "shape": [2, 96, 96]}, volume).segment(["x"])
 
 
 def test_load_eight_clients_every_result_right_queue_positions_reported_memory_back(served, local_models):

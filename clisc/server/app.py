@@ -2,7 +2,7 @@
 
     GET    /v1/info                       versions, models, devices, trained runs, limits
     GET    /v1/runs                       the trained runs (name, prompt)
-    POST   /v1/sessions                   body: the volume as gzip NRRD with its IJK→RAS -> {session, axes}
+    POST   /v1/sessions                   body: the volume as gzip NRRD with its IJK→RAS -> {session, shape}
     DELETE /v1/sessions/{id}              close it (its jobs are cancelled)
     POST   /v1/sessions/{id}/segment      {prompts, preset, clip, sam, options, saliency} -> {job, queue_position}
     POST   /v1/sessions/{id}/apply        {run} -> a job: the trained run's U-Net
@@ -52,7 +52,6 @@ from .wire import API_VERSION, NRRD_MEDIA_TYPE, decode_array, encode_array, from
 logger = logging.getLogger("clisc.server")
 
 MAX_WAIT_SECONDS = 5.0  # the longest a status request waits for a change
-AXES = ("auto", "axial", "coronal", "sagittal")
 
 
 # -- requests
@@ -142,8 +141,7 @@ def _routes() -> APIRouter:
         session = s.sessions.open(volume)
         logger.info("session %s opened: %s voxels of %s", session.id, " × ".join(map(str, volume.array.shape)),
                     volume.array.dtype)
-        return {"session": session.id, "shape": list(volume.array.shape),
-                "axes": {name: slice_axis(volume, name) for name in AXES}}
+        return {"session": session.id, "shape": list(volume.array.shape)}
 
     @router.delete("/sessions/{session_id}", status_code=204)
     def close_session(request: Request, session_id: str) -> Response:
