@@ -346,7 +346,7 @@ class CLISCSegmentLogic(ScriptedLoadableModuleLogic):
             options: other `clisc.zeroshot.SegmentOptions` fields, e.g. ``slices="all"``, ``axis="axial"``.
         """
         job = self.startSegmenting(volumeNode, prompts, clip, sam, device, preset, negativePrompts, cancel,
-                                   trainedRun, **options)
+                                   trainedRun, saliencyMaps=showSaliency, **options)
         return mrml.addSegments(volumeNode, job.wait(progress=progress), segmentationNode, showSaliency)
 
     def startSegmenting(self, volumeNode, prompts, clip=None, sam=None, device="auto", preset="accurate",
