@@ -113,6 +113,36 @@ def local_segmentation(volume, models, prompts):
     return ZeroShotSegmenter(options, clip=models[0], sam=models[1]).segment(volume, prompts)
 
 
+def test_the_wire_format_is_nrrd_that_itk_reads_on_the_same_grid(tmp_path):
+    """The bytes a volume travels as, read by SimpleITK (an independent NRRD reader): same voxels, same IJK→RAS."""
+    import SimpleITK as sitk
+
+    volume = blob_volume((3, 7, 5))
+    volume.array = (volume.array * 10).astype(np.int16)
+    (tmp_path / "volume.nrrd").write_bytes(wire.encode_array(volume.array, volume.ijk_to_ras))
+    read = Volume.from_sitk(sitk.ReadImage(str(tmp_path / "volume.nrrd")))
+    assert np.array_equal(read.array, volume.array) and np.allclose(read.ijk_to_ras, volume.ijk_to_ras, atol=1e-9)
+    array, ijk_to_ras = wire.decode_array(wire.encode_array(volume.array, volume.ijk_to_ras), 10 ** 6)
+    assert array.dtype == np.int16 and np.array_equal(array, volume.array) and np.array_equal(ijk_to_ras,
+                                                                                             volume.ijk_to_ras)
+    lps = tmp_path / "lps.nrrd"  # a file ITK wrote (space left-posterior-superior) reads back on the same grid
+    sitk.WriteImage(volume.to_sitk(), str(lps), True)
+    array, ijk_to_ras = wire.decode_array(lps.read_bytes(), 10 ** 6)
+    assert np.array_equal(array, volume.array) and np.allclose(ijk_to_ras, volume.ijk_to_ras, atol=1e-6)
+
+
+def test_a_small_upload_cannot_inflate_past_its_header():
+    header = ["type: uint8", "dimension: 3", "space: RAS", "sizes: 10 10 10", "space directions: (1,0,0) (0,1,0) "
+              "(0,0,1)", "space origin: (0,0,0)", "encoding: gzip"]
+    import gzip
+
+    bomb = nrrd_with(header, gzip.compress(bytes(10 ** 7)))  # 10 MB of zeros where the header says 1000 bytes
+    with pytest.raises(InputError, match="calls for 1000"):
+        wire.decode_array(bomb, 10 ** 9)
+    with pytest.raises(InputError, match="more than this server takes"):
+        wire.decode_array(nrrd_with(header[:3] + ["sizes: 1000 1000 1000"] + header[4:], b""), 10 ** 8)
+
+
 def test_remote_equals_local_segment_refine_propagate_on_an_oblique_flipped_grid(client, local_models):
     volume = blob_volume((3, 96, 96))
     session = client.openSession(volume)
@@ -252,13 +282,13 @@ def test_refine_requests_are_checked(client, served):
 
 
 def test_load_eight_clients_every_result_right_queue_positions_reported_memory_back(served, local_models):
-    """8 clients at once, 2 segmentations each on their own volume (bounded: 16 jobs, and each thread is joined
+    """8 clients at once, 2 segmentations each, of 4 volumes on 4 grids (bounded: 16 jobs, and each thread is joined
     with a timeout). Memory: the server's resident size after the load, against before it (after one warm-up
     run), within 64 MiB: 16 volumes, results and sessions come and go; a leak of one session per job would be
     16 × (volume + masks), far less than that, so the check is of the order of gross leaks, stated as such."""
     clients, rounds = 8, 2
-    volumes = [blob_volume((2, 64, 64), seed=n, ijk_to_ras=oblique_ijk_to_ras(degrees=10 * n)) for n in range(clients)]
-    expected = [local_segmentation(v, local_models, ["tumor"]).masks[0] for v in volumes]
+    volumes = [blob_volume((2, 64, 64), seed=n, ijk_to_ras=oblique_ijk_to_ras(degrees=10 * n)) for n in range(4)]
+    volumes, expected = volumes * 2, [local_segmentation(v, local_models, ["tumor"]).masks[0] for v in volumes] * 2
     assert all(0 < mask.sum() < mask.size for mask in expected)
     warm = remote.EngineServer(served.url, KEY).openSession(volumes[0])
     warm.segment(["tumor"], clip="tiny-clip", sam="tiny-sam", **RUN)
@@ -401,6 +431,8 @@ def test_a_version_mismatch_gets_one_message_naming_both_versions(served, monkey
     message = str(refused.value)
     assert f"this client is clisc {__version__} (API {client_api})" in message
     assert f"the server is clisc {__version__} (API {wire.API_VERSION})" in message and upgrade in message
+    status, detail = raw(served, "GET", "/info", **{wire.API_HEADER: str(client_api)})  # the server's own check
+    assert status == 409 and f"(API {client_api})" in detail and upgrade in detail
 
 
 def test_an_answer_that_is_not_a_clisc_servers_says_so(tmp_path):
