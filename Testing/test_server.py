@@ -356,7 +356,8 @@ def own_server(tmp_path, clip_folder):
     """A server of the test's own (no key: localhost only), to kill or stop."""
     temp = tmp_path / "temp"
     temp.mkdir()
-    server = ServerProcess(["--model", f"tiny-clip={clip_folder}", "--temp-dir", temp], tmp_path / "server.log")
+    server = ServerProcess(["--model", f"tiny-clip={clip_folder}", "--temp-dir", temp, "--session-timeout", 0.05],
+                           tmp_path / "server.log")  # sessions idle for 3 s are dropped
     server.temp = temp
     yield server
     server.kill()
@@ -391,7 +392,11 @@ def test_a_server_killed_mid_job_is_reported_by_the_client_without_hanging(own_s
     print(f"the client said the server was gone {outcome['when'] - killed:.2f} s after the kill")
 
 
-def test_sigterm_cancels_the_running_job_and_removes_the_temporary_folder(own_server):
+def test_idle_sessions_are_dropped_and_sigterm_cancels_the_running_job_and_removes_the_temp_folder(own_server):
+    idle = remote.EngineServer(own_server.url).openSession(blob_volume((1, 8, 8)))
+    time.sleep(5)  # more than --session-timeout (3 s), and the janitor's round (0.75 s)
+    with pytest.raises(InputError, match="dropped after 3 s idle"):
+        idle.segment(["tumor"], clip="tiny-clip", sam="tiny-sam", **RUN)
     thread, outcome = segment_in_background(own_server)
     assert own_server.stop() in STOPPED
     thread.join(timeout=120)
@@ -486,3 +491,34 @@ def test_clisc_serve_without_a_key_stays_on_localhost_and_serves_tls(tmp_path):
         assert server.stop() in STOPPED
     finally:
         server.kill()
+
+
+def test_a_session_keeps_the_results_of_its_last_jobs_only():
+    from clisc.server.jobs import Job
+    from clisc.server.sessions import ENDED_JOBS_KEPT, SessionStore
+
+    store = SessionStore(max_sessions=1, idle_seconds=60)
+    session = store.open(blob_volume((1, 8, 8)))
+    running = Job("segment", session.id, None)
+    store.add_job(session, running)
+    for _ in range(3 * ENDED_JOBS_KEPT):  # a long session of clicks
+        job = Job("refine", session.id, None)
+        store.add_job(session, job)
+        job.state = "done"
+    assert len(session.jobs) == ENDED_JOBS_KEPT + 1 and running.id in session.jobs  # a running job is never dropped
+    assert store.job(job.id) is job
+    with pytest.raises(KeyError):
+        store.job(list(session.jobs)[1] + "x")
+
+
+def test_devices_are_checked():
+    from clisc.server.command import devices
+
+    assert devices("cpu") == ["cpu"]
+    with pytest.raises(InputError, match="name each device once"):
+        devices("cpu,cpu")
+    with pytest.raises(InputError, match="unknown device"):
+        devices("gpu0")
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA GPU"):
+            devices("cuda:0,cuda:1")

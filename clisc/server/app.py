@@ -342,8 +342,7 @@ def _session(s: Server, session_id: str) -> Session:
 
 def _unknown_session(session_id: str, s: Server) -> HTTPException:
     return HTTPException(404, f"no session {session_id!r} on this server: it was closed, dropped after "
-                              f"{s.settings.session_timeout_s / 60:.0f} minutes idle, or the server restarted; "
-                              "send the volume again")
+                              f"{s.settings.session_timeout_s:g} s idle, or the server restarted; send the volume again")
 
 
 def _job(s: Server, job_id: str) -> Job:

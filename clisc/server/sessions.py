@@ -4,7 +4,8 @@ A client uploads a volume once; segmenting, applying a trained run, refining and
 session. Its `clisc.refine.Refiner`s (one per slice axis) keep SAM's last logits, and their embeddings live in the
 device's `clisc.refine.EmbeddingCache`, so a click on a slice already embedded costs only SAM's decoder, as it
 does locally. A session is closed by its client, or dropped after ``idle_seconds`` without a request; its jobs are
-cancelled and their results freed with it.
+cancelled and their results freed with it. A session keeps the results of its last `ENDED_JOBS_KEPT` ended jobs (a
+client fetches a result as soon as its job ends), so a long session of clicks does not grow without bound.
 """
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ import time
 from typing import Dict, List, Optional
 
 from ..volume import Volume
-from .jobs import Job
+from .jobs import ENDED, Job
+
+ENDED_JOBS_KEPT = 16
 
 
 class SessionLimit(RuntimeError):
@@ -71,6 +74,9 @@ class SessionStore:
 
     def add_job(self, session: Session, job: Job) -> None:
         with self._lock:
+            ended = [old for old in session.jobs.values() if old.state in ENDED]
+            for old in ended[:max(0, len(ended) - ENDED_JOBS_KEPT + 1)]:
+                del session.jobs[old.id], self._jobs[old.id]
             session.jobs[job.id] = job
             self._jobs[job.id] = job
 
