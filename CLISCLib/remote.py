@@ -184,7 +184,7 @@ class RemoteSession:
         saliency maps too with ``saliencyMaps``). ``options``: other `clisc.zeroshot.SegmentOptions` fields
         (saliency="gradcam", slices="all", negative_prompts=[...], ...)."""
         body = {"prompts": list(prompts), "preset": preset, "clip": clip, "sam": sam, "options": options,
-                "saliency": bool(saliencyMaps)}
+                "saliency_maps": bool(saliencyMaps)}
         return self._segmentResult(self._run("segment", body, progress, cancel), saliencyMaps)
 
     def apply(self, run: str, progress=None, cancel=None):

@@ -4,7 +4,7 @@
     GET    /v1/runs                       the trained runs (name, prompt)
     POST   /v1/sessions                   body: the volume as gzip NRRD with its IJK→RAS -> {session, shape}
     DELETE /v1/sessions/{id}              close it (its jobs are cancelled)
-    POST   /v1/sessions/{id}/segment      {prompts, preset, clip, sam, options, saliency} -> {job, queue_position}
+    POST   /v1/sessions/{id}/segment      {prompts, preset, clip, sam, options, saliency_maps} -> {job, queue_position}
     POST   /v1/sessions/{id}/apply        {run} -> a job: the trained run's U-Net
     POST   /v1/sessions/{id}/refine       {mask, index, points, labels, box, axis, sam, preset} -> a job
     POST   /v1/sessions/{id}/propagate    {mask, index, direction, axis, sam, preset} -> a job
@@ -66,7 +66,7 @@ class SegmentRequest(_Request):
     clip: Optional[str] = None          # a model name this server offers; None: the preset's
     sam: Optional[str] = None
     options: Dict[str, Any] = {}        # other `SegmentOptions` fields (not clip, sam or device)
-    saliency: bool = False              # keep the saliency maps for /saliency
+    saliency_maps: bool = False         # keep the saliency maps for /saliency
 
 
 class ApplyRequest(_Request):
@@ -163,7 +163,7 @@ def _routes() -> APIRouter:
         s.registry.check("clip", options.clip)
         s.registry.check("sam", options.sam)
         check_options(session.volume, options)
-        volume, keep_saliency = session.volume, body.saliency
+        volume, keep_saliency = session.volume, body.saliency_maps
 
         def work(device, progress, cancel):
             from ..zeroshot import ZeroShotSegmenter
@@ -248,7 +248,7 @@ def _routes() -> APIRouter:
     def masks(request: Request, job_id: str, part: str) -> Response:
         answer = _result(_job(server(request), job_id))
         if part not in ("masks", "saliency") or answer.get(part) is None:
-            raise HTTPException(404, f"this job has no {part}" + (" (ask for it with saliency: true)"
+            raise HTTPException(404, f"this job has no {part}" + (" (ask for it with saliency_maps: true)"
                                                                    if part == "saliency" else ""))
         return Response(answer[part], media_type=NRRD_MEDIA_TYPE)
 
