@@ -463,6 +463,10 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
                       onServer=False) -> ThreadJob:
         """Copy the volume out of MRML and start the run's U-Net on it on a worker thread, or on the server (see
         `apply`); the job's finish step (main thread) adds the segment, its result is the segmentation node."""
+        if onServer and self.server is None:
+            from clisc.errors import InputError
+
+            raise InputError("no server to apply the run on: give its address (and key) first (useServer)")
         volume = mrml.volumeFromNode(volumeNode)
 
         def work(progress, cancel):
