@@ -17,6 +17,7 @@ What this module shares with CLISCSegment is in CLISCLib. The engine is imported
 this file installs nothing; the first Start installs the missing Python packages), and there is no
 ``from __future__ import annotations`` (the parameter node wrapper reads the annotations as types).
 """
+import functools
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from CLISCLib import mrml
 from CLISCLib.dependencies import ensurePackages, requireSupportedSlicer
 from CLISCLib.jobs import Progress, ProcessJob, ThreadJob, engineEnvironment, pythonExecutable
 from CLISCLib.progress import runWithProgressDialog, showProgress
+from CLISCLib.serverSection import ServerSection
 from CLISCLib.widget import ModuleWidget
 
 CASE_PATH_ATTRIBUTE = "CLISC.CasePath"  # on volume nodes loadCase made: the cohort file they were read from
@@ -105,6 +107,8 @@ class CLISCTrainWidget(ModuleWidget):
         self.ui.loadPseudoLabelButton.connect("clicked(bool)", lambda: self.onLoadCase("pseudo_label"))
         self.ui.loadPredictionButton.connect("clicked(bool)", lambda: self.onLoadCase("prediction"))
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.applyOnServerButton.connect("clicked(bool)", self.onApplyOnServer)
+        self.serverSection = ServerSection(self.ui, self.log, self.logic.useServer, self._listServerRuns)
         for pathEdit in (self.ui.cohortPath, self.ui.outputPath, self.ui.runPath):
             pathEdit.connect("currentPathChanged(QString)", self.updateGui)
         self.ui.runPath.connect("currentPathChanged(QString)", self._listCases)
@@ -140,6 +144,8 @@ class CLISCTrainWidget(ModuleWidget):
         self.ui.loadPseudoLabelButton.enabled = hasCase and not self._chosenCase()[1]  # held out: no pseudo-label
         self.ui.loadPredictionButton.enabled = hasCase and finished
         self.ui.applyButton.enabled = finished and parameters.applyVolume is not None
+        self.ui.applyOnServerButton.enabled = bool(self.ui.serverRunComboBox.currentText) and (
+            parameters.applyVolume is not None)
 
     # -- Start / Resume / Cancel
 
@@ -242,13 +248,29 @@ class CLISCTrainWidget(ModuleWidget):
         if segmentationNode:
             self.log(f"Applied the trained model to {volumeNode.GetName()}: {segmentationNode.GetName()}")
 
-    def _runWithProgressDialog(self, failure: str, label: str, startJob):
+    def _listServerRuns(self, info: dict) -> None:
+        self.ui.serverRunComboBox.clear()
+        self.ui.serverRunComboBox.addItems(info["runs"])
+        self.updateGui()
+
+    def onApplyOnServer(self) -> None:
+        """Apply the server's run chosen in Server run to the volume, on the server (only the remote client's
+        packages are needed here)."""
+        volumeNode, run = self._parameterNode.applyVolume, self.ui.serverRunComboBox.currentText
+        segmentationNode = self._runWithProgressDialog(
+            "Could not apply the trained model on the server.", f"Segmenting {volumeNode.GetName()} on the server...",
+            lambda: self.logic.startApplying(run, volumeNode, onServer=True), ready=self.serverSection.use)
+        if segmentationNode:
+            self.log(f"Applied the server's run {run} to {volumeNode.GetName()}: {segmentationNode.GetName()}")
+
+    def _runWithProgressDialog(self, failure: str, label: str, startJob, ready=None):
         """Start a job (``startJob()``) and wait for it behind a progress dialog with a Cancel button; its result,
-        or None when cancelled or failed (a failure is shown)."""
+        or None when cancelled or failed (a failure is shown). ``ready()``: whether the job can start (default: the
+        engine's packages are installed, asked for)."""
         from clisc.errors import Cancelled
 
         with slicer.util.tryWithErrorDisplay(failure):
-            if not ensurePackages(self.log):
+            if not (ready or functools.partial(ensurePackages, self.log))():
                 return None
             try:
                 return runWithProgressDialog(startJob(), "CLISC", label)
@@ -274,6 +296,7 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         requireSupportedSlicer()
         self.engineCommand = [pythonExecutable(), "-m", "clisc"]
+        self.server = None  # a CLISCLib.remote.EngineServer to apply runs on (useServer)
 
     def getParameterNode(self):
         return CLISCTrainParameterNode(super().getParameterNode())
@@ -441,19 +464,42 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
                 return node
         return None
 
-    def apply(self, runDir, volumeNode, device="auto", segmentationNode=None, progress=None, cancel=None):
+    def useServer(self, url, apiKey=None, caFile=None):
+        """Apply runs on the `clisc serve` at ``url`` (``apply(..., onServer=True)``); returns its
+        `CLISCLib.remote.EngineServer` (``runs()`` lists its trained runs). None: no server."""
+        from CLISCLib.remote import EngineServer
+
+        self.server = EngineServer(url, apiKey, caFile) if url else None
+        return self.server
+
+    def apply(self, runDir, volumeNode, device="auto", segmentationNode=None, progress=None, cancel=None,
+              onServer=False):
         """Segment ``volumeNode`` with a finished run's U-Net; returns the segmentation node (one segment named
         after the run's prompt, added to ``segmentationNode`` if given). Blocks until done (the U-Net runs on a
-        worker thread); ``progress`` and ``cancel`` as in `loadCase`."""
-        return self.startApplying(runDir, volumeNode, device, segmentationNode, cancel).wait(progress=progress)
+        worker thread); ``progress`` and ``cancel`` as in `loadCase`. ``onServer``: ``runDir`` is the name of a run
+        on the server (`useServer`), which runs it; the volume is sent there, the segment comes back."""
+        return self.startApplying(runDir, volumeNode, device, segmentationNode, cancel, onServer).wait(
+            progress=progress)
 
-    def startApplying(self, runDir, volumeNode, device="auto", segmentationNode=None, cancel=None) -> ThreadJob:
-        """Copy the volume out of MRML and start the run's U-Net on it on a worker thread (see `apply`); the
-        job's finish step (main thread) adds the segment, its result is the segmentation node."""
+    def startApplying(self, runDir, volumeNode, device="auto", segmentationNode=None, cancel=None,
+                      onServer=False) -> ThreadJob:
+        """Copy the volume out of MRML and start the run's U-Net on it on a worker thread, or on the server (see
+        `apply`); the job's finish step (main thread) adds the segment, its result is the segmentation node."""
+        if onServer and self.server is None:
+            from clisc.errors import InputError
+
+            raise InputError("no server to apply the run on: give its address (and key) first (useServer)")
         volume = mrml.volumeFromNode(volumeNode)
 
         def work(progress, cancel):
             from clisc.cohort.apply import apply_run
+
+            if onServer:
+                session = self.server.openSession(volume, progress, cancel)
+                try:
+                    return session.apply(str(runDir), progress, cancel)
+                finally:
+                    session.close()
 
             return apply_run(runDir, volume, device, progress=progress, cancel=cancel)
 

@@ -18,6 +18,7 @@ from .environment import check_environment
 from .errors import Cancelled, InputError
 from .models.commands import add_models_command
 from .profiles import PROFILES, PROMPT_TYPES
+from .server.command import add_command as add_serve_command
 
 logger = logging.getLogger("clisc")
 
@@ -375,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_evaluate)
 
     add_models_command(commands)
+    add_serve_command(commands)
     return parser
 
 

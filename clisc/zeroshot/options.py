@@ -13,13 +13,11 @@ from ..errors import InputError
 from ..profiles import OVERRIDABLE, PROFILES, Profile, choose_profile, with_overrides
 from ..result import resolve_device
 from ..runtime import choose_runtime
-from ..volume import Volume
+from ..volume import Volume, slice_axis  # slice_axis: part of this module's API too
 
 logger = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARACTERS = 300  # CLIP reads at most 77 tokens; longer text is a mistake, not a prompt
-AXIS_NAMES = {"k": 0, "j": 1, "i": 2}
-ANATOMICAL_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # the RAS axis each plane is normal to
 
 
 @dataclass
@@ -95,19 +93,6 @@ def check_prompts(prompts: Sequence[str]) -> List[str]:
             raise InputError(f"a prompt has {len(prompt)} characters; CLIP reads about 77 words at most, so keep "
                              f"each prompt under {MAX_PROMPT_CHARACTERS} characters (e.g. \"{prompt[:30]}...\")")
     return cleaned
-
-
-def slice_axis(volume: Volume, axis: str) -> int:
-    """Array axis (0=k, 1=j, 2=i) to slice along: an index letter, an anatomical plane, or auto."""
-    if axis == "auto":
-        return volume.acquisition_axis()
-    if axis in AXIS_NAMES:
-        return AXIS_NAMES[axis]
-    if axis in ANATOMICAL_AXES:
-        # the index axis (i, j, k) whose direction is closest to the plane's normal, as an array axis
-        directions = np.abs(volume.ijk_to_ras[:3, :3] / volume.spacing)
-        return 2 - int(np.argmax(directions[ANATOMICAL_AXES[axis]]))
-    raise InputError(f"unknown axis {axis!r}; use auto, axial, coronal, sagittal, k, j or i")
 
 
 def slice_range(spec: str, count: int) -> np.ndarray:
