@@ -237,7 +237,8 @@ def test_the_real_jpeg2000_ct_series_round_trips_voxel_for_voxel(tmp_path):
 # ---- the command line ----------------------------------------------------------------------------------------
 
 def fake_zero_shot(monkeypatch, masks_for):
-    """`ZeroShotSegmenter` replaced by one returning ``masks_for(volume)`` (no model loads)."""
+    """`ZeroShotSegmenter` replaced by one returning ``masks_for(volume)`` (no model is fetched or loads)."""
+    import clisc.cli
     import clisc.zeroshot
     from clisc.result import SegmentResult
 
@@ -252,6 +253,7 @@ def fake_zero_shot(monkeypatch, masks_for):
                                  {})
 
     monkeypatch.setattr(clisc.zeroshot, "ZeroShotSegmenter", Fake)
+    monkeypatch.setattr(clisc.cli, "_prepare_models", lambda args, models: None)
 
 
 def test_segment_writes_a_dicom_seg_with_o_and_with_dicom_seg(oblique_series, tmp_path, monkeypatch, capsys):

@@ -16,6 +16,7 @@ forward runs in PyTorch (logged, and said in `describe`).
 """
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import importlib.util
 import logging
@@ -164,15 +165,22 @@ def _export_onnx(module: torch.nn.Module, example: torch.Tensor, folder) -> None
         torch.onnx.export(module, (example,), folder / "model.onnx", dynamo=False, opset_version=17)
 
 
-def _load_openvino(folder, dtype: Optional[torch.dtype]) -> Callable[[np.ndarray], List[np.ndarray]]:
+@functools.lru_cache(maxsize=None)
+def _openvino_core():
+    """The process's one OpenVINO Core: a Core made per model segfaults after some tens of loads in one process
+    (ultralytics/ultralytics#25864; seen here as a crash of the test suite at a random later test)."""
     import openvino as ov
 
+    return ov.Core()
+
+
+def _load_openvino(folder, dtype: Optional[torch.dtype]) -> Callable[[np.ndarray], List[np.ndarray]]:
     precision = {None: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
-    compiled = ov.Core().compile_model(folder / "model.xml", "CPU", {
+    compiled = _openvino_core().compile_model(folder / "model.xml", "CPU", {
         "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_NUM_THREADS": torch.get_num_threads()})
     request = compiled.create_infer_request()
-    return lambda x: list(request.infer([x]).to_tuple())
+    return lambda x, compiled=compiled: list(request.infer([x]).to_tuple())  # the request lives with its model
 
 
 def _load_onnxruntime(folder, dtype: Optional[torch.dtype]) -> Callable[[np.ndarray], List[np.ndarray]]:
