@@ -163,7 +163,7 @@ def _segment(args: argparse.Namespace) -> None:
         components=args.components, box_per_component=args.box_per_component, keep_3d=args.keep_3d,
         prompt_type=args.prompt_type, relevance_threshold=args.relevance_threshold,
         relevance_smoothing=args.relevance_smoothing, axis=args.axis, device=args.device, slices=args.slices,
-        seed=args.seed,
+        seed=args.seed, mode=args.mode,
         negative_prompts=tuple(check_prompts(args.negative_prompt)) if args.negative_prompt else None)
     volume = read_volume(args.input, series_uid=args.series)
     check_options(volume, options)
@@ -297,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--preset", choices=["accurate", "fast"], default="accurate",
                          help="accurate: the papers' defaults in float32 (SAM vit_b); fast: the same M2IB saliency, with CLIP "
                               "and the SAM image encoder in bfloat16, and LiteMedSAM as the SAM (quicker on a CPU)")
+    segment.add_argument("--mode", choices=["every-slice", "seeded"],
+                         help="every-slice: a saliency map and SAM box on every selected slice (the papers' method); "
+                              "seeded: on a few seed slices, SAM propagation between them (a tumour or one organ; "
+                              "other targets get every slice)")
     segment.add_argument("--clip", metavar="NAME|DIR", help="CLIP: catalogue name or open_clip folder")
     segment.add_argument("--sam", metavar="NAME|FILE",
                          help="SAM: catalogue name (litemedsam, sam_vit_b, ...) or checkpoint file")

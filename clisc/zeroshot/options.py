@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 MAX_PROMPT_CHARACTERS = 300  # CLIP reads at most 77 tokens; longer text is a mistake, not a prompt
 AXIS_NAMES = {"k": 0, "j": 1, "i": 2}
 ANATOMICAL_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # the RAS axis each plane is normal to
+MODES = ("every-slice", "seeded")  # a saliency map on every selected slice, or on seeds only (`zeroshot.seeded`)
 
 
 @dataclass
@@ -48,6 +49,9 @@ class SegmentOptions:
     sam_precision: str = "float32"
     sam_batch_size: int = 2
     seed: int = 0
+    mode: str = "every-slice"               # every-slice | seeded (`clisc.zeroshot.seeded`: where the profile allows)
+    seed_spacing: int = 20                  # seeded: one seed per this many slices of a gated run (at least one)
+    propagation_margin: int = 10            # seeded: slices propagation may go past each end of a gated run
 
 
 PRESETS = {
@@ -133,6 +137,10 @@ def check_options(volume: Volume, options: SegmentOptions) -> int:
         raise InputError(f"relevance threshold {options.relevance_threshold} and smoothing "
                          f"{options.relevance_smoothing}: use a threshold in [0, 1] and at least 1 slice")
     with_overrides(PROFILES["organ"], **profile_overrides(options))
+    if options.mode not in MODES or options.seed_spacing < 1 or options.propagation_margin < 0:
+        raise InputError(f"--mode {options.mode}, seed spacing {options.seed_spacing} and propagation margin "
+                         f"{options.propagation_margin}: use a mode of {', '.join(MODES)}, a spacing of at least 1 "
+                         "slice and a margin of 0 or more")
     if "beta" in options.saliency_options:
         raise InputError("give M2IB's beta as SegmentOptions.beta (--beta), not in saliency_options")
     return axis
