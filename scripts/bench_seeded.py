@@ -44,6 +44,7 @@ import bench_fidelity as bf  # noqa: E402
 
 from clisc.evaluate import read_mask  # noqa: E402
 from clisc.models.loaders import load_sam  # noqa: E402
+from clisc.propagation import dice  # noqa: E402
 from clisc.readers import read_volume  # noqa: E402
 from clisc.zeroshot import ZeroShotSegmenter, preset_options  # noqa: E402
 
@@ -58,6 +59,7 @@ CONFIGS = (
     ("seeded, margin 20", {"mode": "seeded", "propagation_margin": 20}),
 )
 MAPS = {"perturbed": ba.Perturbation(), "blur only": ba.BLUR_ONLY}
+BLUR_ONLY_CONFIGS = ("every-slice", "seeded (defaults)", "seeded (the profile decides)")
 
 
 class OracleScorer(ba.SliceImages):
@@ -107,6 +109,10 @@ def run(case: ba.Case, view: ba.View, relevance: np.ndarray, maps: np.ndarray, s
             "selected": len(report["selected_slices"][prompt]), "embedded": report["slices_embedded"],
             "mode": report["mode"][prompt],
             "seeds": seeded["seeds"] if seeded else None,
+            "seed_ious": seeded["seed_ious"] if seeded else None,
+            "seed_dice": {i: round(dice(result.masks[0].take(int(i), axis=report["axis"]),
+                                     case.truth.take(int(i), axis=report["axis"])), 3) for i in seeded["seeds"]}
+            if seeded else None,
             "stops": [(d["seed"], d["direction"], d["reason"]) for d in seeded["directions"]] if seeded else None}
 
 
@@ -136,10 +142,19 @@ def dataset_rows(cases: List[ba.Case], sam: ba.EmbeddingCache, args: argparse.Na
                 for oracle in bf.ORACLES:
                     relevance = bf.oracle_relevance(oracle, area, candidates_of(view), args.sigma, noise_seed + 1,
                                                     case.name)[noise_seed]
-                    for label, overrides in list(configs) + list(extra(case)):
+                    for number, (label, overrides) in enumerate(list(configs) + list(extra(case))):
+                        if args.configs and number not in args.configs:
+                            continue
+                        if map_name != "perturbed" and label not in BLUR_ONLY_CONFIGS:
+                            continue
+                        t0 = time.perf_counter()
                         figures = run(case, view, relevance, maps, sam, overrides, case.prompt)
-                        rows.setdefault(f"{oracle} relevance, {map_name} saliency: {label}", {})[
-                            f"{case.name}/{noise_seed}"] = figures
+                        row = f"{oracle} relevance, {map_name} saliency: {label}"
+                        rows.setdefault(row, {})[f"{case.name}/{noise_seed}"] = figures
+                        if args.verbose:
+                            print(f"    {case.name} {row}: Dice {figures['dice']:.3f}, {figures['saliency_maps']} maps, "
+                                  f"seeds {figures['seeds']} IoU {figures['seed_ious']} Dice {figures['seed_dice']}; "
+                                  f"{time.perf_counter() - t0:.0f} s", flush=True)
         print(f"  {case.dataset}/{case.name}: {time.perf_counter() - started:.0f} s", flush=True)
     return rows
 
@@ -165,6 +180,9 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.3, help="sd of the relevance oracle's noise")
     parser.add_argument("--sam-batch-size", type=int, default=2)
     parser.add_argument("--json", metavar="OUT.json")
+    parser.add_argument("--configs", type=lambda text: [int(x) for x in text.split(",")],
+                        help="only these rows of CONFIGS, by number from 0 (default all)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print each run's Dice")
     args = parser.parse_args()
     if not ba.DATA.exists():
         sys.exit(f"needs {ba.DATA}")

@@ -66,10 +66,13 @@ def spread(first: int, last: int, peak: int, count: int) -> List[int]:
 
 def choose_seeds(smoothed: np.ndarray, selected: np.ndarray, spacing: int) -> List[int]:
     """Seed slices of one prompt: in each run of ``selected`` (N,) bool, ceil(length / ``spacing``) seeds from
-    `spread`, the first at the run's highest ``smoothed`` (N,) relevance (its lowest index on a tie)."""
+    `spread`, the first at the run's highest ``smoothed`` (N,) relevance (on a tie, the one nearest the run's
+    middle)."""
     seeds = []
     for first, last in gate_runs(selected):
-        peak = first + int(np.argmax(smoothed[first:last + 1]))
+        run = smoothed[first:last + 1]
+        peaks = first + np.flatnonzero(run == run.max())
+        peak = int(peaks[np.argmin(np.abs(peaks - (first + last) / 2))])
         seeds += spread(first, last, peak, math.ceil((last - first + 1) / spacing))
     return seeds
 
@@ -182,6 +185,7 @@ def seeded_mask(sam, embeddings: SliceEmbeddings, predictions: Dict[int, object]
     directions = propagate_seeds(propagator, starts, bounds, write, visit)
     progress("SAM propagation", total, total, "")
     report = {"seeds": sorted(predictions), "seeds_with_empty_mask": sorted(set(predictions) - set(starts)),
+              "seed_ious": {str(index): round(p.iou, 4) for index, p in sorted(predictions.items())},
               "bounds": [list(bound) for bound in bounds], "margin": margin,
               "propagated_from": {str(seed): sorted(indices) for seed, indices in sorted(sources.items())},
               "directions": directions, "slices_visited": visited}

@@ -24,7 +24,7 @@ from ..embeddings import SliceEmbeddings
 from ..profiles import Profile, min_component_mm3
 from ..progress import CancelToken, ProgressCallback
 from ..prompts import SamPrompt, coarse_mask, sam_prompt
-from ..protocols import SaliencyMethod, SliceSam, SliceScorer
+from ..protocols import SaliencyMethod, SliceScorer
 from .options import slice_range
 
 SlicePrompts = Dict[int, Dict[int, SamPrompt]]  # slice index → prompt number → what SAM gets there
