@@ -69,7 +69,8 @@ class SliceEmbeddings:
     """The SAM embeddings of the slices of one image along one axis: from the cache, else computed (then cached).
 
     Args:
-        segmenter: the SAM (`clisc.sam.SliceSegmenter` or one like it); its ``embed`` and ``batch_size`` are used.
+        segmenter: the SAM (`clisc.sam.SliceSegmenter` or one like it); its ``embed`` and ``batch_size`` (1 when it
+            has none) are used.
         view: (K, J, I) uint8, the image SAM sees, on the volume's grid.
         axis: the slice axis (0 = k, 1 = j, 2 = i).
         cache: where embeddings are kept; one cache may serve several images and SAMs.
@@ -97,7 +98,7 @@ class SliceEmbeddings:
     def compute(self, indices: Iterable[int]) -> None:
         """Embed those of ``indices`` that are not cached, ``segmenter.batch_size`` slices per encoder call."""
         missing = list(dict.fromkeys(int(i) for i in indices if self.key + (int(i),) not in self.cache))
-        step = max(1, int(self.segmenter.batch_size))
+        step = max(1, int(getattr(self.segmenter, "batch_size", 1)))
         for start in range(0, len(missing), step):
             self._embed(missing[start:start + step])
 

@@ -24,6 +24,7 @@ target, or each lung on its own, would give). Scores by `clisc.metrics.evaluate`
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -33,6 +34,7 @@ from typing import Dict, List
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from clisc.torchvision_compat import import_torchvision
 
@@ -60,6 +62,31 @@ CONFIGS = (
 )
 MAPS = {"perturbed": ba.Perturbation(), "blur only": ba.BLUR_ONLY}
 BLUR_ONLY_CONFIGS = ("every-slice", "seeded (defaults)", "seeded (the profile decides)")
+
+
+class StoredEmbeddings(ba.EmbeddingCache):
+    """`bench_accuracy.EmbeddingCache` that also keeps each embedding in ``folder`` (one file per slice image and
+    precision), so that runs of this script share the encoder's work."""
+
+    def __init__(self, folder: Path, sam, autocast_dtype, batch_size: int) -> None:
+        super().__init__(sam, autocast_dtype, batch_size)
+        self.folder, self.tag_dtype = folder, str(autocast_dtype)
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def path(self, image: np.ndarray) -> Path:
+        digest = hashlib.blake2b(image.tobytes() + bytes(str(image.shape) + self.tag_dtype, "ascii"), digest_size=16)
+        return self.folder / f"{digest.hexdigest()}.pt"
+
+    def embed(self, images: np.ndarray) -> torch.Tensor:
+        for image in images:
+            key = hashlib.blake2b(image.tobytes() + bytes(str(image.shape), "ascii"), digest_size=16).digest()
+            if key not in self.store and self.path(image).exists():
+                self.store[key] = torch.load(self.path(image), weights_only=True)
+        missing = [n for n, image in enumerate(images) if not self.path(image).exists()]
+        embeddings = super().embed(images)
+        for n in missing:
+            torch.save(embeddings[n].clone(), self.path(images[n]))
+        return embeddings
 
 
 class OracleScorer(ba.SliceImages):
@@ -180,6 +207,10 @@ def main() -> None:
     parser.add_argument("--sigma", type=float, default=0.3, help="sd of the relevance oracle's noise")
     parser.add_argument("--sam-batch-size", type=int, default=2)
     parser.add_argument("--json", metavar="OUT.json")
+    parser.add_argument("--embeddings", metavar="DIR", help="keep LiteMedSAM's embeddings in DIR (shared by runs)")
+    parser.add_argument("--cases", help="only these case names (comma-separated)")
+    parser.add_argument("--precompute", action="store_true",
+                        help="only embed each case's slices within 12 of its target into --embeddings, then stop")
     parser.add_argument("--configs", type=lambda text: [int(x) for x in text.split(",")],
                         help="only these rows of CONFIGS, by number from 0 (default all)")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each run's Dice")
@@ -191,14 +222,25 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; LiteMedSAM encoder {fast.sam_precision}; "
           f"gate threshold {fast.relevance_threshold}, smoothing {fast.relevance_smoothing}; relevance noise σ "
           f"{args.sigma}; seeded defaults: spacing {fast.seed_spacing}, margin {fast.propagation_margin}", flush=True)
-    sam = ba.EmbeddingCache(load_sam("litemedsam"), ba.DTYPES[fast.sam_precision], args.sam_batch_size)
+    sam_model, dtype = load_sam("litemedsam"), ba.DTYPES[fast.sam_precision]
+    sam = (StoredEmbeddings(Path(args.embeddings), sam_model, dtype, args.sam_batch_size) if args.embeddings
+           else ba.EmbeddingCache(sam_model, dtype, args.sam_batch_size))
     figures = {"settings": vars(args)}
     loaders = {"brats": (ba.brats_cases, "BraTS FLAIR whole tumour (4 volumes)"),
                "ct": (lambda: ba.ct_cases({}), "CT organs: liver, spleen, stomach, aorta (20 slices)")}
     for dataset in args.datasets.split(","):
         started = time.perf_counter()
         loader, title = loaders[dataset]
-        cases = loader()
+        cases = [case for case in loader() if not args.cases or case.name in args.cases.split(",")]
+        if args.precompute:
+            for case in cases:
+                view = ba.zeroshot_view(case)
+                near = np.flatnonzero(ndimage.binary_dilation(view.truth.any(axis=(1, 2)), iterations=12)
+                                      & candidates_of(view))
+                for start in range(0, len(near), 8):
+                    sam.embed(view.images[near[start:start + 8]])
+                print(f"  {case.name}: {len(near)} slices embedded or found", flush=True)
+            continue
         rows = dataset_rows(cases, sam, args)
         sam.store.clear()
         print_rows(f"{title}; {time.perf_counter() - started:.0f} s", rows)
