@@ -42,12 +42,19 @@ fi
 echo "torchvision==$(version_of torchvision)" >> "$CONSTRAINTS"
 pip_install -c "$CONSTRAINTS" -e ".[test]"
 
+# Where the plain import fails, a .pth file makes every Python of this environment (the user's own scripts too)
+# retry it with the fallback operators, only after the real import has failed (clisc/torchvision_hook.py).
+PTH="$("$PY" -c "import sysconfig; from clisc.torchvision_hook import PTH_NAME; \
+print(sysconfig.get_paths()['purelib'] + '/' + PTH_NAME)")"
+rm -f "$PTH"
 if ! "$PY" -c "import torchvision" >/dev/null 2>&1; then
+  "$PY" -c "from clisc.torchvision_hook import write_pth; write_pth()"
   echo "Note: torchvision $(version_of torchvision) does not load its compiled operators beside torch $TORCH."
   echo "  PyPI's Linux torchvision wheels are CUDA builds; the build that matches a CPU torch is only on"
   echo "  $CPU_INDEX, and pip could not get it from there (unreachable, or no such build)."
   echo "  CLISC works all the same (a pure-torch nms, the one compiled operator it uses) and says so in one"
-  echo "  warning per run. Where that index can be reached, this removes the warning:"
+  echo "  warning per run; so does 'import torchvision' or 'import open_clip' in your own scripts here, through"
+  echo "  $PTH. Where that index can be reached, this installs the matching build:"
   echo "  $PY -m pip install 'torchvision==$(version_of torchvision | cut -d+ -f1)+cpu' --index-url $CPU_INDEX"
 fi
 "$PY" -c "import clisc, torch; from clisc.torchvision_compat import import_torchvision; \

@@ -5,7 +5,8 @@ installed), in two parts. torch and torchvision belong to the PyTorch extension,
 build that fits the computer (`installTorch`); Slicer's pip installs the others (`installPackages`), with a
 constraints file that keeps the installed versions of `PINNED`. What is missing is decided by installed versions,
 not by whether a module imports. `ensurePackages` is the first-run dialogue both modules' GUIs go through; nothing
-is installed when a module loads, nor in testing mode.
+is installed when a module loads, nor in testing mode. Run on a server (`CLISCLib.remote`), a module needs only
+`CLIENT_REQUIREMENTS`: neither torch nor any other engine package is installed then.
 """
 import importlib
 import importlib.metadata
@@ -23,6 +24,7 @@ from clisc.environment import REQUIREMENTS as ENGINE_REQUIREMENTS
 TORCH_REQUIREMENTS = [str(r) for r in ENGINE_REQUIREMENTS if r.distribution in TORCH_PACKAGES]
 REQUIREMENTS = [str(r) for r in ENGINE_REQUIREMENTS if r.distribution not in TORCH_PACKAGES]
 PINNED = ("torch", "torchvision", "numpy", "SimpleITK")  # the PyTorch extension's and Slicer's own
+CLIENT_REQUIREMENTS = ["pynrrd>=1.0"]  # the remote client's: it reads and writes the arrays as NRRD (numpy is Slicer's)
 
 
 # -- Slicer
@@ -98,9 +100,10 @@ def unmetRequirements(requirements, installed: dict) -> list:
     return unmet
 
 
-def missingPackages() -> list:
-    """The requirements of `REQUIREMENTS` that the installed distributions leave unmet (missing or too old)."""
-    return unmetRequirements(REQUIREMENTS, installedVersions())
+def missingPackages(requirements=None) -> list:
+    """The ``requirements`` (default `REQUIREMENTS`) that the installed distributions leave unmet (missing or too
+    old)."""
+    return unmetRequirements(REQUIREMENTS if requirements is None else requirements, installedVersions())
 
 
 def missingTorch() -> list:
@@ -117,11 +120,12 @@ def pipConstraints(installed: dict) -> str:
     return "".join(f"{name}=={installed[canonicalName(name)]}\n" for name in PINNED if canonicalName(name) in installed)
 
 
-def installPackages() -> list:
-    """pip-install `missingPackages` (never torch or torchvision) with a constraints file pinning the installed
-    `PINNED` packages, through ``slicer.packaging.pip_ensure`` (Slicer 5.12) or ``slicer.util.pip_install``.
-    Returns the distributions whose installed version changed (Slicer must restart to use them)."""
-    missing = missingPackages()
+def installPackages(requirements=None) -> list:
+    """pip-install `missingPackages` of ``requirements`` (never torch or torchvision) with a constraints file pinning
+    the installed `PINNED` packages, through ``slicer.packaging.pip_ensure`` (Slicer 5.12) or
+    ``slicer.util.pip_install``. Returns the distributions whose installed version changed (Slicer must restart to
+    use them)."""
+    missing = missingPackages(requirements)
     if not missing:
         return []
     before = installedVersions()
@@ -177,12 +181,13 @@ def installTorch() -> bool:
     return True
 
 
-def ensurePackages(log) -> bool:
+def ensurePackages(log, remote: bool = False) -> bool:
     """Before a run (both modules' GUIs): install the engine's missing Python packages once the user agrees, torch
-    and torchvision through the PyTorch extension, the others with pip. Nothing is installed in testing mode.
-    True when the engine can run now; False when the user declined or Slicer must restart first. ``log(text)``
-    reports progress."""
-    missingTorchNow, missing = missingTorch(), missingPackages()
+    and torchvision through the PyTorch extension, the others with pip; with ``remote`` (the engine runs on a
+    server), only `CLIENT_REQUIREMENTS`. Nothing is installed in testing mode. True when the engine can run now;
+    False when the user declined or Slicer must restart first. ``log(text)`` reports progress."""
+    requirements = CLIENT_REQUIREMENTS if remote else REQUIREMENTS
+    missingTorchNow, missing = [] if remote else missingTorch(), missingPackages(requirements)
     if not missingTorchNow + missing:
         return True
     if slicer.app.testingEnabled():
@@ -191,7 +196,7 @@ def ensurePackages(log) -> bool:
     if missingTorchNow:
         if not installTorch():
             return False
-        missing = missingPackages()
+        missing = missingPackages(requirements)
     if missing:
         if not slicer.util.confirmOkCancelDisplay(
                 f"CLISC needs these Python packages: {', '.join(missing)}.\n"
@@ -200,8 +205,8 @@ def ensurePackages(log) -> bool:
             return False
         log(f"Installing {', '.join(missing)}...")
         with slicer.util.WaitCursor():
-            changed = installPackages()
-        if changed or missingPackages():  # pip upgraded a package this session may have imported already
+            changed = installPackages(requirements)
+        if changed or missingPackages(requirements):  # pip upgraded a package this session may have imported already
             note = f" ({', '.join(changed)} changed version)" if changed else ""
             if slicer.util.confirmOkCancelDisplay(f"The packages are installed{note}; Slicer must restart to use "
                                                   "them. Restart now?"):

@@ -29,8 +29,9 @@ ALGORITHM_TYPE_TAG, ALGORITHM_NAME_TAG, ALGORITHM_NAME = "DICOM.SegmentAlgorithm
 
 def volumeFromNode(volumeNode):
     """A `clisc.volume.Volume` holding a copy of the node's voxels (K, J, I) and its IJK→RAS. A colour image (a
-    loaded PNG/JPG: (K, J, I, 3 or 4)) becomes its grey level by `clisc.readers.rgb_to_grey`, as the CLI reads it."""
-    from clisc.readers import rgb_to_grey
+    loaded PNG/JPG: (K, J, I, 3 or 4)) becomes its grey level by `clisc.readers.rgb_to_grey`, and NaN or infinite
+    voxels are replaced (`clisc.readers.replace_non_finite`, with a warning), as the CLI reads it."""
+    from clisc.readers import replace_non_finite, rgb_to_grey
     from clisc.volume import Volume
 
     array = slicer.util.arrayFromVolume(volumeNode).copy()
@@ -38,12 +39,12 @@ def volumeFromNode(volumeNode):
         array = rgb_to_grey(array)
     matrix = vtk.vtkMatrix4x4()
     volumeNode.GetIJKToRASMatrix(matrix)
-    return Volume(array, slicer.util.arrayFromVTKMatrix(matrix), volumeNode.GetName())
+    return replace_non_finite(Volume(array, slicer.util.arrayFromVTKMatrix(matrix), volumeNode.GetName()))
 
 
 def volumeGeometry(volumeNode):
     """A `clisc.volume.Volume` holding only the node's grid: its IJK→RAS, and a read-only array of its shape that
-    takes no memory (no voxels are copied). For geometry (`clisc.refine.slice_point`, the slice axis)."""
+    takes no memory (no voxels are copied). For geometry (`clisc.volume.slice_point`, the slice axis)."""
     from clisc.volume import Volume
 
     shape = slicer.util.arrayFromVolume(volumeNode).shape[:3]
@@ -51,6 +52,25 @@ def volumeGeometry(volumeNode):
     volumeNode.GetIJKToRASMatrix(matrix)
     return Volume(np.broadcast_to(np.zeros((), np.uint8), shape), slicer.util.arrayFromVTKMatrix(matrix),
                   volumeNode.GetName())
+
+
+def volumeSignature(volumeNode) -> tuple:
+    """What tells whether a volume node's voxels or geometry changed: its image data's modification time and its
+    IJK→RAS (a kept copy of the volume, a Refiner or a server session, is reused while it is the same)."""
+    matrix = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(matrix)
+    return volumeNode.GetImageData().GetMTime(), tuple(matrix.GetElement(r, c) for r in range(4) for c in range(4))
+
+
+def sliceGeometry(volumeNode, axis=None) -> tuple:
+    """(``volumeNode``'s grid as a `clisc.volume.Volume` without voxels, the slice axis as an array axis 0/1/2).
+    ``axis``: None or "auto" (the acquisition axis), "axial", "coronal", "sagittal", "k", "j", "i", or 0/1/2."""
+    from clisc.volume import slice_axis
+
+    geometry = volumeGeometry(volumeNode)
+    if axis is None or isinstance(axis, str):
+        return geometry, slice_axis(geometry, axis or "auto")
+    return geometry, int(axis)
 
 
 def addVolumeNode(volume, name: str):
@@ -80,6 +100,15 @@ def addSaliencyVolume(volumeNode, saliency: np.ndarray, name: str):
     node.GetDisplayNode().SetWindowLevelMinMax(0.0, 1.0)
     placeBeside(volumeNode, node)
     return node
+
+
+def showLastSaliency(segmentationNode) -> None:
+    """Show the last saliency volume of a segmentation (`SALIENCY_REFERENCE`) over the slice views, in a rainbow."""
+    count = segmentationNode.GetNumberOfNodeReferences(SALIENCY_REFERENCE)
+    if count:
+        saliencyNode = segmentationNode.GetNthNodeReference(SALIENCY_REFERENCE, count - 1)
+        saliencyNode.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeFileColdToHotRainbow.txt")
+        slicer.util.setSliceViewerLayers(foreground=saliencyNode, foregroundOpacity=0.4)
 
 
 # -- segments

@@ -1,7 +1,7 @@
 """Refining a segment with SAM in Slicer: clicks in RAS to slice pixels, and the Refine section's interaction.
 
 - `slicePixels`, `sliceBox`: RAS positions (mm, in a volume's own frame) to the (x, y) pixels of one slice along
-  an array axis, as `clisc.refine.Refiner` takes them (through the engine's `clisc.refine.slice_point`).
+  an array axis, as `clisc.refine.Refiner` takes them (through the engine's `clisc.volume.slice_point`).
 - `ReportingSegmenter`: a SAM slice segmenter that reports each image embedding it computes and stops at Cancel,
   so that a `clisc.refine.Refiner`'s work shows progress in a background job.
 - `RefineSession`: what the Refine section does, without Qt: the segment being refined, the markups the user
@@ -25,7 +25,7 @@ def slicePixels(volume, axis: int, sliceIndex: int, rasPoints) -> np.ndarray:
     own RAS), each at its nearest voxel. `clisc.errors.InputError` for a point outside the volume or on another
     slice."""
     from clisc.errors import InputError
-    from clisc.refine import slice_point
+    from clisc.volume import slice_point
 
     pixels = []
     for ras in rasPoints:
@@ -204,9 +204,9 @@ class RefineSession:
     def _sliceOf(self, worldRas, report: bool = False) -> Optional[int]:
         """The slice a world RAS position lies on; None when it is outside the volume (said, with ``report``)."""
         from clisc.errors import InputError
-        from clisc.refine import slice_point
+        from clisc.volume import slice_point
 
-        geometry, axis = self.logic.sliceGeometry(self.volumeNode, self.options.get("axis"))
+        geometry, axis = mrml.sliceGeometry(self.volumeNode, self.options.get("axis"))
         try:
             return slice_point(geometry, mrml.volumeRasFromWorld(self.volumeNode, worldRas), axis)[0]
         except InputError as error:

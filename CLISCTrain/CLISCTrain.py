@@ -17,6 +17,7 @@ What this module shares with CLISCSegment is in CLISCLib. The engine is imported
 this file installs nothing; the first Start installs the missing Python packages), and there is no
 ``from __future__ import annotations`` (the parameter node wrapper reads the annotations as types).
 """
+import functools
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from CLISCLib import mrml
 from CLISCLib.dependencies import ensurePackages, requireSupportedSlicer
 from CLISCLib.jobs import Progress, ProcessJob, ThreadJob, engineEnvironment, pythonExecutable
 from CLISCLib.progress import runWithProgressDialog, showProgress
+from CLISCLib.serverSection import ServerSection
 from CLISCLib.widget import ModuleWidget
 
 CASE_PATH_ATTRIBUTE = "CLISC.CasePath"  # on volume nodes loadCase made: the cohort file they were read from
@@ -81,6 +83,7 @@ class CLISCTrainParameterNode:
     s3fRounds: int = 1
     device: Annotated[str, Choice(["auto", "cuda", "cpu"])] = "auto"
     sam: str = ""
+    classifier: Annotated[str, Choice(["auto", "resnet50", "efficientnet-lite0"])] = "auto"
     applyVolume: vtkMRMLScalarVolumeNode
 
 
@@ -104,9 +107,12 @@ class CLISCTrainWidget(ModuleWidget):
         self.ui.loadPseudoLabelButton.connect("clicked(bool)", lambda: self.onLoadCase("pseudo_label"))
         self.ui.loadPredictionButton.connect("clicked(bool)", lambda: self.onLoadCase("prediction"))
         self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.applyOnServerButton.connect("clicked(bool)", self.onApplyOnServer)
+        self.serverSection = ServerSection(self.ui, self.log, self.logic.useServer, self._listServerRuns)
         for pathEdit in (self.ui.cohortPath, self.ui.outputPath, self.ui.runPath):
             pathEdit.connect("currentPathChanged(QString)", self.updateGui)
         self.ui.runPath.connect("currentPathChanged(QString)", self._listCases)
+        self.ui.caseComboBox.connect("currentIndexChanged(int)", self.updateGui)
         for radio in (self.ui.cohortFromFilesRadio, self.ui.cohortFromSceneRadio):
             radio.connect("toggled(bool)", self.updateGui)
         self.ui.cohortVolumes.connect("checkedNodesChanged()", self.updateGui)
@@ -135,9 +141,11 @@ class CLISCTrainWidget(ModuleWidget):
         runDir = self.ui.runPath.currentPath
         finished = bool(runDir) and RunFolder(runDir).is_finished()
         hasCase = self.ui.caseComboBox.count > 0
-        self.ui.loadPseudoLabelButton.enabled = hasCase
+        self.ui.loadPseudoLabelButton.enabled = hasCase and not self._chosenCase()[1]  # held out: no pseudo-label
         self.ui.loadPredictionButton.enabled = hasCase and finished
         self.ui.applyButton.enabled = finished and parameters.applyVolume is not None
+        self.ui.applyOnServerButton.enabled = bool(self.ui.serverRunComboBox.currentText) and (
+            parameters.applyVolume is not None)
 
     # -- Start / Resume / Cancel
 
@@ -160,9 +168,12 @@ class CLISCTrainWidget(ModuleWidget):
                 cohort = self.ui.cohortPath.currentPath
             options = dict(classifier_epochs=parameters.classifierEpochs, unet_epochs=parameters.unetEpochs,
                            s3f_rounds=parameters.s3fRounds, device=parameters.device,
-                           stop_after=None if parameters.trainUNet else "pseudo_labels")
+                           stop_after=None if parameters.trainUNet else "pseudo_labels",
+                           classifier=parameters.classifier)
             if self.ui.labelsPath.currentPath:
                 options["labels"] = self.ui.labelsPath.currentPath
+            if self.ui.holdoutSplitPath.currentPath:
+                options["holdout_split"] = self.ui.holdoutSplitPath.currentPath
             if parameters.sam.strip():
                 options["sam"] = parameters.sam.strip()
             resume = RunFolder(outputDir).is_run()
@@ -206,12 +217,18 @@ class CLISCTrainWidget(ModuleWidget):
         self.ui.caseComboBox.clear()
         runDir = self.ui.runPath.currentPath
         if runDir and RunFolder(runDir).is_run():
+            heldOut = self.logic.heldOutCaseIds(runDir)
             for caseId in self.logic.caseIds(runDir):
-                self.ui.caseComboBox.addItem(caseId)
+                self.ui.caseComboBox.addItem(f"{caseId} (held out)" if caseId in heldOut else caseId, caseId)
         self.updateGui()
 
+    def _chosenCase(self) -> tuple:
+        """(case id, whether it is held out) of the case chosen in the review list."""
+        caseId = self.ui.caseComboBox.currentData
+        return caseId, caseId in self.logic.heldOutCaseIds(self.ui.runPath.currentPath)
+
     def onLoadCase(self, kind: str) -> None:
-        caseId = self.ui.caseComboBox.currentText
+        caseId = self._chosenCase()[0]
         title = self.logic.resultTitle(kind)
         loaded = self._runWithProgressDialog(
             f"Could not load the {title}.", f"Loading {caseId}...",
@@ -231,13 +248,29 @@ class CLISCTrainWidget(ModuleWidget):
         if segmentationNode:
             self.log(f"Applied the trained model to {volumeNode.GetName()}: {segmentationNode.GetName()}")
 
-    def _runWithProgressDialog(self, failure: str, label: str, startJob):
+    def _listServerRuns(self, info: dict) -> None:
+        self.ui.serverRunComboBox.clear()
+        self.ui.serverRunComboBox.addItems(info["runs"])
+        self.updateGui()
+
+    def onApplyOnServer(self) -> None:
+        """Apply the server's run chosen in Server run to the volume, on the server (only the remote client's
+        packages are needed here)."""
+        volumeNode, run = self._parameterNode.applyVolume, self.ui.serverRunComboBox.currentText
+        segmentationNode = self._runWithProgressDialog(
+            "Could not apply the trained model on the server.", f"Segmenting {volumeNode.GetName()} on the server...",
+            lambda: self.logic.startApplying(run, volumeNode, onServer=True), ready=self.serverSection.use)
+        if segmentationNode:
+            self.log(f"Applied the server's run {run} to {volumeNode.GetName()}: {segmentationNode.GetName()}")
+
+    def _runWithProgressDialog(self, failure: str, label: str, startJob, ready=None):
         """Start a job (``startJob()``) and wait for it behind a progress dialog with a Cancel button; its result,
-        or None when cancelled or failed (a failure is shown)."""
+        or None when cancelled or failed (a failure is shown). ``ready()``: whether the job can start (default: the
+        engine's packages are installed, asked for)."""
         from clisc.errors import Cancelled
 
         with slicer.util.tryWithErrorDisplay(failure):
-            if not ensurePackages(self.log):
+            if not (ready or functools.partial(ensurePackages, self.log))():
                 return None
             try:
                 return runWithProgressDialog(startJob(), "CLISC", label)
@@ -263,6 +296,7 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         requireSupportedSlicer()
         self.engineCommand = [pythonExecutable(), "-m", "clisc"]
+        self.server = None  # a CLISCLib.remote.EngineServer to apply runs on (useServer)
 
     def getParameterNode(self):
         return CLISCTrainParameterNode(super().getParameterNode())
@@ -352,11 +386,22 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def caseIds(runDir) -> list:
-        """The cases of a run that have a pseudo-label."""
+        """The cases of a run to review: those that have a pseudo-label, then its held-out cases (`heldOutCaseIds`:
+        no pseudo-label, a prediction once the run has finished)."""
         from clisc.cohort.run_folder import RunFolder
 
         run = RunFolder(runDir)
-        return [caseId for caseId in run.cases() if run.result(caseId, "pseudo_label").is_file()]
+        heldOut = CLISCTrainLogic.heldOutCaseIds(runDir)
+        return [caseId for caseId in run.cases()
+                if caseId not in heldOut and run.result(caseId, "pseudo_label").is_file()] + heldOut
+
+    @staticmethod
+    def heldOutCaseIds(runDir) -> list:
+        """The cases a run kept out of every stage (its --holdout-split)."""
+        from clisc.cohort.run_folder import RunFolder
+
+        run = RunFolder(runDir)
+        return run.held_out_cases() if runDir and run.is_run() else []
 
     def loadCase(self, runDir, caseId, result="pseudo_label", device="auto", progress=None, cancel=None):
         """Load a case's input volume (once; later calls reuse its node) and its pseudo-label or prediction
@@ -419,19 +464,42 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
                 return node
         return None
 
-    def apply(self, runDir, volumeNode, device="auto", segmentationNode=None, progress=None, cancel=None):
+    def useServer(self, url, apiKey=None, caFile=None):
+        """Apply runs on the `clisc serve` at ``url`` (``apply(..., onServer=True)``); returns its
+        `CLISCLib.remote.EngineServer` (``runs()`` lists its trained runs). None: no server."""
+        from CLISCLib.remote import EngineServer
+
+        self.server = EngineServer(url, apiKey, caFile) if url else None
+        return self.server
+
+    def apply(self, runDir, volumeNode, device="auto", segmentationNode=None, progress=None, cancel=None,
+              onServer=False):
         """Segment ``volumeNode`` with a finished run's U-Net; returns the segmentation node (one segment named
         after the run's prompt, added to ``segmentationNode`` if given). Blocks until done (the U-Net runs on a
-        worker thread); ``progress`` and ``cancel`` as in `loadCase`."""
-        return self.startApplying(runDir, volumeNode, device, segmentationNode, cancel).wait(progress=progress)
+        worker thread); ``progress`` and ``cancel`` as in `loadCase`. ``onServer``: ``runDir`` is the name of a run
+        on the server (`useServer`), which runs it; the volume is sent there, the segment comes back."""
+        return self.startApplying(runDir, volumeNode, device, segmentationNode, cancel, onServer).wait(
+            progress=progress)
 
-    def startApplying(self, runDir, volumeNode, device="auto", segmentationNode=None, cancel=None) -> ThreadJob:
-        """Copy the volume out of MRML and start the run's U-Net on it on a worker thread (see `apply`); the
-        job's finish step (main thread) adds the segment, its result is the segmentation node."""
+    def startApplying(self, runDir, volumeNode, device="auto", segmentationNode=None, cancel=None,
+                      onServer=False) -> ThreadJob:
+        """Copy the volume out of MRML and start the run's U-Net on it on a worker thread, or on the server (see
+        `apply`); the job's finish step (main thread) adds the segment, its result is the segmentation node."""
+        if onServer and self.server is None:
+            from clisc.errors import InputError
+
+            raise InputError("no server to apply the run on: give its address (and key) first (useServer)")
         volume = mrml.volumeFromNode(volumeNode)
 
         def work(progress, cancel):
             from clisc.cohort.apply import apply_run
+
+            if onServer:
+                session = self.server.openSession(volume, progress, cancel)
+                try:
+                    return session.apply(str(runDir), progress, cancel)
+                finally:
+                    session.close()
 
             return apply_run(runDir, volume, device, progress=progress, cancel=cancel)
 
@@ -448,9 +516,10 @@ class CLISCTrainLogic(ScriptedLoadableModuleLogic):
 
 class CLISCTrainTest(ScriptedLoadableModuleTest):
     """In-Slicer self-test: a two-volume cohort from the scene, trained for one epoch in the real engine process
-    with a tiny CLIP of the real classes, a randomly initialised SAM vit_b and a random classifier. That shows
-    the mechanics (Slicer's Python starting the engine, progress, results back in MRML on the volumes' grids),
-    not accuracy: a random classifier finds no abnormal slice, so the pseudo-labels are empty."""
+    with a tiny CLIP of the real classes, a randomly initialised LiteMedSAM and a random ResNet-50 classifier whose
+    head is biased towards "abnormal" (a plain random one finds no abnormal slice: every pseudo-label would be
+    empty, and the run stops before the U-Net). That shows the mechanics (Slicer's Python starting the engine,
+    progress, results back in MRML on the volumes' grids), not accuracy."""
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -463,6 +532,8 @@ class CLISCTrainTest(ScriptedLoadableModuleTest):
         import tempfile
 
         import numpy as np
+        import torch
+        from clisc.cohort.classifier import build_classifier
         from clisc.cohort.run_folder import RunFolder
         from clisc.models.random_weights import TINY_CLIP_CONFIG, save_random_clip, save_random_sam
 
@@ -470,7 +541,11 @@ class CLISCTrainTest(ScriptedLoadableModuleTest):
             folder = Path(folder)
             self.delayDisplay("Writing tiny models with random weights")
             clip = save_random_clip(folder / "clip", TINY_CLIP_CONFIG)
-            sam = save_random_sam(folder / "sam_vit_b.pth")
+            sam = save_random_sam(folder / "litemedsam.pth", "litemedsam")
+            classifier = build_classifier(seed=0)
+            with torch.no_grad():
+                classifier.fc[-1].bias.copy_(torch.tensor([-4.0, 4.0]))
+            torch.save(classifier.state_dict(), folder / "classifier.pt")
             k, j, i = np.indices((6, 32, 32))
             nodes = []
             for n in range(2):
@@ -482,7 +557,8 @@ class CLISCTrainTest(ScriptedLoadableModuleTest):
             self.delayDisplay("Training in the engine process")
             logic = CLISCTrainLogic()
             summary = logic.run(nodes, "tumor", folder / "run", wait=True, clip=str(clip), sam=str(sam),
-                                classifier_weights=None, classifier_epochs=1, classifier_image_size=32,
+                                classifier="resnet50", classifier_weights=str(folder / "classifier.pt"),
+                                classifier_epochs=1, classifier_image_size=32,
                                 unet_epochs=1, patch_size=32, s3f_rounds=0, device="cpu")
             self.assertEqual(summary["loaded"], 2)
             self.assertTrue(RunFolder(folder / "run").is_finished())

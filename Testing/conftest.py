@@ -89,6 +89,14 @@ def scene(module):
     return slicer.mrmlScene
 
 
+@pytest.fixture(autouse=True)
+def torch_runtime_for_auto(monkeypatch):
+    """``runtime="auto"`` (the default) means PyTorch in tests: with OpenVINO installed every test with a fresh
+    cache would otherwise export its tiny CLIP first. Testing/test_runtimes.py tests the runtimes by name and
+    the real "auto" order."""
+    monkeypatch.setattr("clisc.runtime.forwards.AUTO_ORDER", ("torch",))
+
+
 @pytest.fixture
 def clisc_home(tmp_path, monkeypatch):
     """An empty weights cache for the test."""

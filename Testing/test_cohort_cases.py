@@ -10,6 +10,7 @@ from clisc.cohort.cases import (
     body_mask,
     list_cohort,
     preprocess,
+    to_truncated_uint8_slices,
     to_uint8_slices,
     uncrop,
 )
@@ -121,6 +122,15 @@ def test_preprocess_on_brats_and_uncrop_give_back_the_input_grid():
     inside = normalised[body[crop]]
     assert abs(inside.mean()) < 1e-3 and abs(inside.std() - 1) < 1e-3
     assert (inside == inside.max()).mean() >= 0.0009  # the brightest 0.1% clipped to one value
+
+
+def test_the_classifier_slices_are_truncated_to_uint8_as_the_reference_writes_its_pngs():
+    """CLISC's step0_get_clip_label.py: (s - min) / (max - min) * 255, then .astype(np.uint8), which truncates."""
+    array = np.stack([np.array([[0.0, 1.0], [2.0, 7.0]]), np.full((2, 2), 3.0)])
+    slices = to_truncated_uint8_slices(array)
+    assert slices.dtype == np.uint8
+    assert slices[0].tolist() == [[0, 36], [72, 255]]  # 255/7 = 36.4, 510/7 = 72.9 (rounding would give 73)
+    assert (slices[1] == 0).all()
 
 
 def test_to_uint8_slices_scales_each_slice_and_keeps_flat_slices_black():

@@ -156,7 +156,7 @@ def test_build_classifier_has_the_papers_head_and_loads_imagenet_weights(tmp_pat
     seeded = build_classifier(None, seed=3)
     torch.testing.assert_close(seeded.fc[0].weight, build_classifier(None, seed=3).fc[0].weight)
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "other.pth")
-    with pytest.raises(InputError, match="neither a torchvision ResNet-50 state dict nor a CLISC slice classifier"):
+    with pytest.raises(InputError, match="neither ImageNet resnet50 weights nor a CLISC slice classifier"):
         build_classifier(tmp_path / "other.pth")
 
 
@@ -184,6 +184,8 @@ def test_layer_cam_of_the_trained_toy_classifier_falls_on_the_square(toy_classif
 
 class Brightness(nn.Module):
     """layer3 = the input's first channel; class 1 scores its mean, class 0 minus its mean."""
+
+    cam_layer = "layer3"
 
     def __init__(self):
         super().__init__()

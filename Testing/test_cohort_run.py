@@ -102,7 +102,9 @@ def test_train_writes_every_stage_output(cli_run, cohort):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["options"]["unet_epochs"] == 2 and config["options"]["labels"] == str(cohort / "labels.csv")
     assert config["labels_used_for_training"] is False
-    assert any(note.startswith("label-free CAM threshold") for note in config["deviations"])
+    for deviation in ("label-free CAM threshold", "pseudo-labels and S3F inside the body",
+                      "box alone for a box-trained SAM"):
+        assert any(note.startswith(deviation) for note in config["deviations"])
     assert config["normal_prompt"].startswith("an image of brain tissue")
     for case in CASES:
         volume = read_volume(cohort / "images" / f"{case}.nii.gz")
@@ -123,7 +125,7 @@ def test_train_writes_every_stage_output(cli_run, cohort):
     trained, folder = build_classifier(run_dir / "classifier" / "classifier.pt"), RunFolder(run_dir)
     for case in CASES:
         stored = open_case(Case(case, cohort / "images" / f"{case}.nii.gz"), folder.preprocessed(case))
-        gate = classify(trained, stored.slices(), image_size=OPTIONS["classifier_image_size"]) > 0.5
+        gate = classify(trained, stored.classifier_slices(), image_size=OPTIONS["classifier_image_size"]) > 0.5
         assert gate.any()
         np.testing.assert_array_equal(np.load(folder.cams(case, amda=False))["positive"], gate)
     for round_ in (0, 1):

@@ -233,7 +233,8 @@ def served_clip_entry(monkeypatch, server, weights_path: str) -> ModelEntry:
     """A two-file CLIP catalogue entry whose files the test server serves."""
     entry = ModelEntry("served_clip", "clip", "tiny", (
         RemoteFile(f"{server.root}/open_clip_config.json", "open_clip_config.json", None, None, "test"),
-        RemoteFile(f"{server.root}{weights_path}", "open_clip_pytorch_model.bin", None, None, "test")), "MIT", "", "")
+        RemoteFile(f"{server.root}{weights_path}", "open_clip_pytorch_model.bin", None, None, "test")), "MIT", "", "",
+        open_clip_config={"model_cfg": TINY_CLIP_CONFIG})
     monkeypatch.setattr(cache, "get_entry", lambda name: entry)
     return entry
 

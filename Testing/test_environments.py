@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 SLICER_5_10_NUMPY = "2.0.2"
 USER_TORCH = "2.13.0"  # the CPU build a user has (on this machine pip takes it from a local wheel)
 PIP = ["-m", "pip", "install", "--disable-pip-version-check", "--quiet"]
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.environments]
 
 
 def interpreter(version: str) -> str:
@@ -169,3 +169,7 @@ def test_installing_clisc_keeps_the_users_cpu_torch(tmp_path):
         assert release(after["open-clip-torch"]) >= (3, 0)
     cuda = run(python, "-c", "import torch; print(torch.version.cuda)").stdout.strip()
     assert cuda == "None", "torch must still be the CPU build"
+    # A user's own script imports torchvision and open_clip, whichever torchvision pip could get (install.sh's
+    # .pth file where the builds mismatch).
+    run(python, "-c", "import open_clip, torchvision, torch; "
+                      "torchvision.ops.nms(torch.zeros(1, 4), torch.ones(1), 0.5)")

@@ -6,6 +6,8 @@ import csv
 import json
 import math
 import sys
+import unicodedata
+import warnings
 
 import numpy as np
 import pytest
@@ -275,3 +277,73 @@ def test_brats_label_against_itself_shifted_by_two_voxels(tmp_path, capsys):
     shared = (surfaces[0] & surfaces[1]).sum()
     assert code == 0 and strict["nsd"] == pytest.approx(2 * shared / (surfaces[0].sum() + surfaces[1].sum()))
     assert 0.05 < strict["nsd"] < 0.5
+
+
+def test_predictions_and_labels_that_are_not_masks_are_refused_naming_the_file(tmp_path, capsys):
+    """A saliency map given as the prediction counted its NaN as 9145 "predicted" voxels; a label's NaN was
+    background. A float labelmap of whole numbers is a mask."""
+    label, prediction = save(tmp_path / "label.nii.gz", box()), save(tmp_path / "case.nii.gz", box())
+    with_nan = box().astype(np.float32)
+    with_nan[0, :3, :3] = np.nan
+    fraction = box() * np.float32(0.75)
+    for name, array, what in (("nan.nii.gz", with_nan, "9 of its 4000 voxels are NaN or infinite"),
+                              ("fraction.nii.gz", fraction, "75 of its 4000 voxels hold fractions (e.g. 0.75)")):
+        path = save(tmp_path / name, array)
+        for arguments in ((path, label), (prediction, path)):
+            code, out, err = run(capsys, *arguments)
+            assert code == 2 and f"{path}: not a mask or labelmap: {what}" in err and out == ""
+    code, out, _ = run(capsys, save(tmp_path / "floats.nii.gz", box().astype(np.float32)), label)
+    assert code == 0 and "1.0000" in out
+
+
+def test_a_label_value_in_no_label_is_refused_and_one_missing_from_some_is_named(tmp_path, capsys, caplog):
+    predictions, labels = tmp_path / "pred", tmp_path / "lab"
+    predictions.mkdir(), labels.mkdir()
+    for case, values in (("a", box() + 2 * box(5)), ("b", box())):
+        save(predictions / f"{case}.nii.gz", box(5)), save(labels / f"{case}.nii.gz", values.astype(np.uint8))
+    code, out, err = run(capsys, predictions / "b.nii.gz", labels / "b.nii.gz", "--label", "7")
+    assert code == 2 and "--label 7: no label holds the value 7" in err and "b.nii.gz: 0, 1)" in err and out == ""
+    code, out, err = run(capsys, predictions, labels, "--label", "2")
+    assert code == 0 and "a       1.0000" in out
+    assert "--label 2: the labels of 1 of 2 cases do not hold the value 2 (b)" in caplog.text
+
+
+def test_a_segmentation_without_segments_is_refused(tmp_path, capsys):
+    label = save(tmp_path / "label.nii.gz", box())
+    write_masks(tmp_path / "case.seg.nrrd", [], [], read_volume(label))
+    code, _, err = run(capsys, tmp_path / "case.seg.nrrd", label)
+    assert code == 2 and "case.seg.nrrd: the segmentation holds no segment" in err
+
+
+def test_a_segment_named_in_any_script_is_found(tmp_path, capsys):
+    """The reported case: --segment 脑肿瘤 found "no segment named '脑肿瘤'; its segments: tumeur crbrale, , tumor"."""
+    label = save(tmp_path / "label.nii.gz", box())
+    names = ["tumeur cérébrale", "脑肿瘤", "🧠 tumor 🎯"]
+    write_masks(tmp_path / "case.seg.nrrd", [box(1), box(), box(5)], names, read_volume(label))
+    for name, dice in zip(names, ("0.8000", "1.0000", "0.0000")):
+        code, out, err = run(capsys, tmp_path / "case.seg.nrrd", label, "--segment", name)
+        assert code == 0 and f"case    {dice}" in out, err
+    decomposed = unicodedata.normalize("NFD", "tumeur cérébrale")  # as a macOS terminal may pass it
+    assert decomposed != names[0]
+    code, out, _ = run(capsys, tmp_path / "case.seg.nrrd", label, "--segment", decomposed)
+    assert code == 0 and "case    0.8000" in out
+
+
+def test_a_labels_csv_with_missing_files_names_all_of_them(tmp_path, capsys):
+    predictions = tmp_path / "pred"
+    predictions.mkdir()
+    for case in ("a", "b", "c"):
+        save(predictions / f"{case}.nii.gz", box())
+    save(tmp_path / "a_label.nii.gz", box())
+    (tmp_path / "labels.csv").write_text("case_id,label\na,a_label.nii.gz\nb,gone/b.nii.gz\nc,gone/c.nii.gz\n")
+    code, _, err = run(capsys, predictions, tmp_path / "labels.csv")
+    assert code == 2 and "labels.csv: 2 of the label files it lists do not exist:" in err
+    assert str(tmp_path / "gone" / "b.nii.gz") in err and str(tmp_path / "gone" / "c.nii.gz") in err
+
+
+def test_monai_deprecation_warnings_stay_out_of_the_report(tmp_path, capsys):
+    prediction, label = save(tmp_path / "case.nii.gz", box(2)), save(tmp_path / "label.nii.gz", box())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, _ = run(capsys, prediction, label)
+    assert code == 0 and [str(warning.message) for warning in caught] == []

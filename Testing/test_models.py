@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -40,6 +41,15 @@ def tiny_clip(tmp_path_factory):
     return save_random_clip(tmp_path_factory.mktemp("clip") / "tiny_clip", TINY_CLIP_CONFIG)
 
 
+@pytest.fixture(autouse=True)
+def clip_vit_b16_is_the_tiny_clip(monkeypatch):
+    """In this file the catalogue's clip_vit_b16 stands for the tiny CLIP: its entry expects `TINY_CLIP_CONFIG`
+    (test_clip_config.py checks the full-size entry)."""
+    real = cache.get_entry
+    tiny = replace(real("clip_vit_b16"), open_clip_config={"model_cfg": TINY_CLIP_CONFIG})
+    monkeypatch.setattr(cache, "get_entry", lambda name: tiny if name == "clip_vit_b16" else real(name))
+
+
 def installed_files(name: str) -> list:
     """Every file under the model's cache folder: final files, pins, staged or partial downloads."""
     folder = cache.model_dir(name)
@@ -55,7 +65,8 @@ def flip_one_byte(source, destination):
 
 def fake_entry(monkeypatch, *files: RemoteFile, family="clip", architecture="tiny") -> ModelEntry:
     """Make `cache` see a catalogue entry 'test_model' with these files."""
-    entry = ModelEntry("test_model", family, architecture, files, "MIT", "", "")
+    entry = ModelEntry("test_model", family, architecture, files, "MIT", "", "",
+                       open_clip_config={"model_cfg": TINY_CLIP_CONFIG} if family == "clip" else None)
     monkeypatch.setattr(cache, "get_entry", lambda name: entry)
     return entry
 
@@ -267,7 +278,7 @@ def test_classifier_weights_are_checked_against_torchvision_resnet50(tmp_path):
     check_weights(entry, good)
     bad = tmp_path / "other.pth"
     torch.save({"conv1.weight": torch.zeros(64, 3, 3, 3)}, bad)
-    with pytest.raises(InputError, match="other.pth: not a torchvision resnet50 checkpoint.*Missing key"):
+    with pytest.raises(InputError, match="other.pth: not an ImageNet resnet50 checkpoint.*Missing key"):
         check_weights(entry, bad)
 
 
@@ -334,19 +345,17 @@ def test_md5_prefix_is_checked_on_import(clisc_home, tiny_clip, monkeypatch):
 
 
 def test_failed_multi_file_import_leaves_nothing(clisc_home, tiny_clip, tmp_path):
-    """biomedclip from a folder whose weights belong to another model: no file, no pin is kept."""
-    source = tmp_path / "biomedclip"
+    """A CLIP folder whose weights belong to another model: no file, no pin is kept."""
+    source = tmp_path / "clip"
     shutil.copytree(tiny_clip, source)
     other = save_random_clip(tmp_path / "other", {**TINY_CLIP_CONFIG, "embed_dim": 32})
     shutil.copy(other / "open_clip_pytorch_model.bin", source)
-    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "config.json"):
-        (source / name).write_text("{}")
     with pytest.raises(InputError) as info:
-        cache.import_model("biomedclip", source)
+        cache.import_model("clip_vit_b16", source)
     message = str(info.value)
     assert str(source / "open_clip_pytorch_model.bin") in message and "does not fit the CLIP model" in message
     assert "size mismatch" in message
-    assert installed_files("biomedclip") == []
+    assert installed_files("clip_vit_b16") == []
 
 
 def test_a_multi_file_entry_needs_a_folder(clisc_home, tiny_clip):

@@ -40,12 +40,15 @@ def test_flat_saliency_gives_no_mask_and_no_prompt():
     assert sam_prompt(mask) is None
 
 
-def test_box_is_xy_and_tight():
+def test_box_is_xy_and_ends_one_past_the_mask_clipped_to_the_slice():
+    """MedCLIP-SAMv2's box: (x, y, x + w, y + h) of the bounding rectangle, clipped to W - 1, H - 1."""
     mask = np.zeros((50, 60), bool)
     mask[10:21, 30:41] = True
     prompt = sam_prompt(mask, "box")
-    assert prompt.boxes.tolist() == [[30, 10, 40, 20]]
+    assert prompt.boxes.tolist() == [[30, 10, 41, 21]]
     assert prompt.points is None and prompt.components == 1
+    mask[10:50, 30:60] = True  # reaches the last row and column
+    assert sam_prompt(mask, "box").boxes.tolist() == [[30, 10, 59, 49]]
 
 
 def test_one_box_per_component_for_paired_organs():
@@ -53,9 +56,9 @@ def test_one_box_per_component_for_paired_organs():
     mask[5:10, 5:10] = True
     mask[30:40, 40:55] = True
     prompt = sam_prompt(mask, "box", box_per_component=True)
-    assert sorted(prompt.boxes.tolist()) == [[5, 5, 9, 9], [40, 30, 54, 39]]
+    assert sorted(prompt.boxes.tolist()) == [[5, 5, 10, 10], [40, 30, 55, 40]]
     assert prompt.components == 2
-    assert sam_prompt(mask, "box").boxes.tolist() == [[5, 5, 54, 39]]
+    assert sam_prompt(mask, "box").boxes.tolist() == [[5, 5, 55, 40]]
 
 
 def test_points_are_inside_negatives_outside_and_seeded():

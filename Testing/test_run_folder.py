@@ -16,7 +16,7 @@ from clisc.cohort.amda import amda_masked_copies
 from clisc.cohort.case_store import SliceFile, TrainingPairs, open_case, store_case
 from clisc.cohort.cases import Case, body_mask, preprocess, read_case_list, read_list_column
 from clisc.cohort.classifier import build_classifier
-from clisc.cohort.run import _resized, classifier_training_set
+from clisc.cohort.classifier_data import classifier_training_set, resized
 from clisc.cohort.run_folder import FOLDERS, RunFolder
 from clisc.errors import InputError
 from clisc.volume import Volume
@@ -130,11 +130,11 @@ def test_the_classifier_set_written_case_by_case_is_the_in_memory_amda_rule(labe
     for item in items:
         slice_labels = np.array(json.loads(folder.slice_labels(item.case_id).read_text()))
         keep = slice_labels >= 0
-        images.append(_resized(item.slices()[keep], size).round().astype(np.uint8))
+        images.append(resized(item.classifier_slices()[keep], size).round().astype(np.uint8))
         labels.append(slice_labels[keep])
         saved = np.load(folder.cams(item.case_id, amda=False))
-        cams.append(_resized(saved["cam"][keep], size))
-        masks.append(_resized(saved["mask"][keep], size, "nearest") > 0.5)
+        cams.append(resized(saved["cam"][keep], size))
+        masks.append(resized(saved["mask"][keep], size, "nearest") > 0.5)
     images, labels = np.concatenate(images), np.concatenate(labels)
     expected = amda_masked_copies(images, np.concatenate(cams), np.concatenate(masks), labels,
                                   np.random.default_rng(7))

@@ -252,7 +252,7 @@ def test_gscorecam_rescoring_keeps_what_the_tower_reads():
     quadrant = top_right_patches().reshape(GRID, GRID).float()
     maps = torch.stack([quadrant, 1 - quadrant])
     with prepared(model):
-        keep, hide = _masked_scores(model, x[0], text, maps, None)
+        keep, hide = _masked_scores(model, x.expand(2, -1, -1, -1), text.expand(2, -1), maps, None)
     assert keep > hide
 
 
@@ -280,6 +280,20 @@ def test_gscorecam_batched_equals_one_channel_at_a_time():
     x, text = images(1, seed=3), text_for(model)
     batched = gscorecam_saliency(model, x, text, top_k=20, batch_size=7)[0]
     assert torch.allclose(batched, reference_gscorecam(model, x[0], text, top_k=20), atol=1e-4)
+
+
+def test_gscorecam_batches_across_images_as_one_pass_at_a_time_does():
+    """Masked passes batched 13 at a time over two images (a batch straddles them) give the maps of one pass at a
+    time, image by image; progress counts the passes."""
+    model = tiny_clip()
+    x, text = images(2, seed=4), torch.cat([text_for(model, 0), text_for(model, 1)])
+    one_by_one = torch.cat([gscorecam_saliency(model, x[i:i + 1], text[i:i + 1], top_k=20, batch_size=1)
+                            for i in range(2)])
+    calls = []
+    batched = gscorecam_saliency(model, x, text, top_k=20, batch_size=13,
+                                 progress=lambda stage, done, total, message: calls.append((done, total)))
+    assert torch.allclose(batched, one_by_one, atol=1e-5), (batched - one_by_one).abs().max()
+    assert calls == [(13, 40), (26, 40), (39, 40), (40, 40)]
 
 
 def test_gradcam_channel_weights_come_from_the_class_token():

@@ -28,6 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MODULES = ("CLISCSegment", "CLISCTrain")
 LIBRARY = "CLISCLib"
 LIBRARY_MODULES = [LIBRARY] + sorted(f"{LIBRARY}.{p.stem}" for p in (ROOT / LIBRARY).glob("*.py") if p.stem != "__init__")
+# The CLISCLib parts of each module's panel, on its .ui's widgets (``ui.X``).
+PANEL_PARTS = {"CLISCSegment": ("refineSection", "serverSection", "weights"), "CLISCTrain": ("serverSection",)}
+OPTIONAL_WIDGETS = {"serverSection": {"runOnComboBox"}}  # without one, a panel always runs on the server
 # The value type the parameter node wrapper binds to each widget class used with SlicerParameterName.
 WIDGET_VALUE_TYPES = {"QLineEdit": str, "QCheckBox": bool, "QComboBox": str, "QSpinBox": int}
 
@@ -43,6 +46,10 @@ def test_every_ui_widget_the_code_uses_exists_and_parameters_match_the_ui(name):
     assert used and used <= set(widgets), f"not in the .ui: {sorted(used - set(widgets))}"
     shared = set(re.findall(r"self\.ui\.(\w+)", (ROOT / LIBRARY / "widget.py").read_text(encoding="utf-8")))
     assert shared and shared <= set(widgets), f"CLISCLib's widget uses, not in the .ui: {sorted(shared - set(widgets))}"
+    for part in PANEL_PARTS[name]:
+        uses = set(re.findall(r"\bui\.(\w+)", (ROOT / LIBRARY / f"{part}.py").read_text(encoding="utf-8")))
+        uses -= OPTIONAL_WIDGETS.get(part, set()) - set(widgets) if name != "CLISCSegment" else set()
+        assert uses and uses <= set(widgets), f"CLISCLib.{part} uses, not in the .ui: {sorted(uses - set(widgets))}"
 
     bound = {}  # parameter name -> widget
     for widget in widgets.values():

@@ -431,13 +431,14 @@ def test_the_session_refuses_a_segment_on_another_grid(module, refinement, scene
 
 
 def test_help_text_documents_every_refine_shortcut(module):
+    section = slicer_module("CLISCLib.refineSection").RefineSection
     parent = SimpleNamespace()
     module.CLISCSegment(parent)
-    keys = [key for key, _, _ in module.CLISCSegmentWidget.REFINE_SHORTCUTS]
+    keys = [key for key, _, _ in section.SHORTCUTS]
     assert len(keys) == len(set(keys)) >= 8
-    for key, description, method in module.CLISCSegmentWidget.REFINE_SHORTCUTS:
+    for key, description, method in section.SHORTCUTS:
         assert f"{key}: {description}" in parent.helpText
-        assert callable(getattr(module.CLISCSegmentWidget, method))
+        assert callable(getattr(section, method))
 
 
 # -- DICOM SEG: which exporter (the export itself needs Slicer's DICOM database)

@@ -452,5 +452,5 @@ def test_models_section_lists_the_cached_weights_with_sizes_and_removes_them(mod
     assert logic.installedModels() == [(entry.name, folder, 12345)]
     logic.removeModel(entry.name)
     assert logic.installedModels() == [] and not folder.exists()
-    assert [module.CLISCSegmentWidget.formatSize(size) for size in (375_042_000, 2_564_550_879, 12_345, 999)] == [
+    assert [slicer_module("CLISCLib.weights").formatSize(size) for size in (375_042_000, 2_564_550_879, 12_345, 999)] == [
         "375 MB", "2.6 GB", "12 kB", "999 B"]

@@ -124,3 +124,52 @@ def test_another_import_failure_is_reported_and_never_patched_over(tmp_path):
     """, env={"PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parents[1]}"})
     assert run.returncode == 0, run.stderr
     assert "undefined symbol" in run.stdout and run.stdout.strip().endswith("None")
+
+
+def test_a_users_own_script_imports_torchvision_and_open_clip_through_the_pth_file(tmp_path):
+    """The .pth file install.sh writes, in a site folder of a fresh interpreter that has not imported CLISC: the
+    script's own `import torchvision` and `import open_clip` work and nms is right, with the fallback only where
+    the real import fails (one warning), and nothing defined where it works (under a matched torch, in
+    test_environments.py)."""
+    from clisc.torchvision_hook import write_pth
+
+    write_pth(tmp_path)
+    run = _run(f"""
+        import logging, site, sys
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+        site.addsitedir({str(tmp_path)!r})
+        assert "clisc.torchvision_compat" not in sys.modules and "torch" not in sys.modules
+        import open_clip, torchvision, torch
+        kept = torchvision.ops.nms(torch.tensor([[0, 0, 10, 10], [1, 1, 11, 11], [20, 20, 30, 30.]]),
+                                   torch.tensor([0.9, 0.8, 0.7]), 0.5).tolist()
+        from clisc import torchvision_compat
+        print("compiled" if torchvision_compat._fallback_library is None else "fallback", kept)
+    """)
+    assert run.returncode == 0, run.stderr[-3000:]
+    mode, kept = run.stdout.split(maxsplit=1)
+    assert kept.strip() == "[0, 2]"
+    native = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True)
+    assert mode == ("compiled" if native.returncode == 0 else "fallback"), native.stderr[-500:]
+    assert run.stderr.count("compiled operators do not load") == (1 if mode == "fallback" else 0), run.stderr
+
+
+def test_the_pth_file_leaves_another_import_failure_alone(tmp_path):
+    """A torchvision failing for another reason is not patched over by the hook: the user sees its own error."""
+    from clisc.torchvision_hook import write_pth
+
+    fake = tmp_path / "torchvision"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise RuntimeError('undefined symbol: _ZN3c104cuda9SetDevice')\n")
+    (tmp_path / "site").mkdir()
+    write_pth(tmp_path / "site")
+    run = _run(f"""
+        import site
+        site.addsitedir({str(tmp_path / "site")!r})
+        try:
+            import torchvision
+        except RuntimeError as error:
+            from clisc import torchvision_compat
+            print(error, torchvision_compat._fallback_library)
+    """, env={"PYTHONPATH": f"{tmp_path}:{Path(__file__).resolve().parents[1]}"})
+    assert run.returncode == 0, run.stderr
+    assert "undefined symbol" in run.stdout and run.stdout.strip().endswith("None")

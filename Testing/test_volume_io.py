@@ -5,6 +5,7 @@ import gzip
 import os
 import stat
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ import slicerio
 from conftest import shared_data, write_dicom_series
 
 from clisc import writers
-from clisc.errors import InputError
-from clisc.readers import read_volume
+from clisc.errors import InputError, WriteError
+from clisc.readers import read_segmentation, read_volume
 from clisc.volume import LPS_TO_RAS, Volume
 from clisc.writers import atomic_path, remove_partial_files, write_bytes, write_masks, write_segmentation, write_volume
 
@@ -140,6 +141,39 @@ def test_folder_with_several_series_reads_the_largest_and_says_how_to_choose(tmp
     np.testing.assert_allclose(chosen.spacing, [0.8, 0.8, 2.5])
     with pytest.raises(InputError, match="1.2.3.4.9"):
         read_volume(folder, series_uid="1.2.3.4.9")
+
+
+@pytest.mark.parametrize("suffix, dtype", [(".nrrd", np.float32), (".nii", np.float32), (".nii.gz", np.float64)])
+def test_nan_and_infinite_voxels_are_replaced_with_one_warning_that_counts_them(tmp_path, caplog, suffix, dtype):
+    """ITK's NIfTI reader reads NaN and infinities as 0 without a word: they are found in the file itself."""
+    array = np.random.default_rng(0).uniform(10, 100, size=(3, 4, 5)).astype(dtype)
+    low, high = float(array.min()), float(array.max())
+    array[0, 0, :4] = np.nan
+    array[1, 2, 3], array[2, 3, 4] = np.inf, -np.inf
+    path = tmp_path / f"resampled{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    volume = read_volume(path)
+    assert [record.message for record in caplog.records] == [
+        f"{path}: 6 of 60 voxels are NaN or infinite; they are read as {low:g} (NaN, -Inf: the lowest value of the "
+        f"image) and {high:g} (+Inf: the highest)"]
+    assert volume.array[0, 0, :4].tolist() == [low] * 4 and volume.array[2, 3, 4] == low
+    assert volume.array[1, 2, 3] == high and np.isfinite(volume.array).all()
+    finite = np.isfinite(array)
+    assert np.array_equal(volume.array[finite], array[finite])
+    assert np.isnan(read_volume(path, finite=False).array).sum() == 4
+
+
+def test_non_finite_voxels_are_found_across_chunk_boundaries_in_either_byte_order():
+    from clisc.nifti import Layout, _scan
+
+    values = np.random.default_rng(0).uniform(-5, 5, size=1000)
+    values[[0, 17, 18, 500, 999]] = [np.nan, np.inf, -np.inf, np.nan, np.nan]
+    for dtype in (np.dtype(">f8"), np.dtype("<f4")):
+        data = b"header" * 59 + values.astype(dtype).tobytes() + b"trailing bytes"
+        layout = Layout((10, 100), 354, 354 + values.size * dtype.itemsize, dtype)
+        size, found = _scan([data[start:start + 7] for start in range(0, len(data), 7)], layout)
+        assert size == len(data) and found.indices.tolist() == [0, 17, 18, 500, 999]
+        np.testing.assert_array_equal(found.values, values[[0, 17, 18, 500, 999]])
 
 
 def test_png_and_jpg_become_one_slice_volumes(tmp_path):
@@ -325,9 +359,35 @@ def test_seg_nrrd_writes_non_ascii_names_as_utf8_as_slicer_does(tmp_path, monkey
 
     monkeypatch.setattr(writers, "_restore_utf8", fail)
     (tmp_path / "failed").mkdir()
-    with pytest.raises(OSError, match="no space"):
+    with pytest.raises(WriteError, match="no space.*Nothing was written under that name"):
         write_masks(tmp_path / "failed" / "prompt.seg.nrrd", masks, names, volume)
     assert list((tmp_path / "failed").iterdir()) == []
+
+
+def test_segment_names_read_back_exactly_from_clisc_and_slicer_files(tmp_path):
+    """pynrrd drops non-ASCII header bytes ("tumeur crbrale", "", "tumor"); `read_segmentation` must not. Slicer's
+    file is slicerio's sample, written by 3D Slicer, with one name changed to the UTF-8 bytes Slicer writes."""
+    volume = Volume(np.zeros((4, 5, 6), np.float32), np.diag([2.0, 2.0, 3.0, 1.0]))
+    names = ["tumeur cérébrale", "脑肿瘤", "🧠 tumor 🎯", "edema"]
+    masks = [np.zeros(volume.array.shape, bool) for _ in names]
+    for index, mask in enumerate(masks):
+        mask[index, 1:4, index:index + 2] = True
+    write_segmentation(tmp_path / "clisc.seg.nrrd", masks, names, volume)
+    segmentation = read_segmentation(tmp_path / "clisc.seg.nrrd")
+    assert [segment["name"] for segment in segmentation["segments"]] == names
+    for name, mask in zip(names, masks):
+        assert np.array_equal(slicerio.extract_segments(segmentation, [(name, 1)])["voxels"].transpose(2, 1, 0) > 0,
+                              mask)
+
+    sample = Path(slicerio.__file__).parent / "data" / "Segmentation.seg.nrrd"
+    content = sample.read_bytes()
+    assert b"Segment0_Name:=ribs\n" in content
+    (tmp_path / "slicer.seg.nrrd").write_bytes(
+        content.replace(b"Segment0_Name:=ribs\n", "Segment0_Name:=côtes 肋骨 🦴\n".encode()))
+    original = [segment["name"] for segment in slicerio.read_segmentation(str(sample))["segments"]]
+    assert [segment["name"] for segment in read_segmentation(tmp_path / "slicer.seg.nrrd")["segments"]] == [
+        "côtes 肋骨 🦴", *original[1:]]
+    assert [segment["name"] for segment in read_segmentation(sample)["segments"]] == original
 
 
 def test_mhd_header_refers_to_its_data_file_by_the_final_name(tmp_path, monkeypatch):
@@ -349,7 +409,7 @@ def test_mhd_header_refers_to_its_data_file_by_the_final_name(tmp_path, monkeypa
 
     monkeypatch.setattr(writers, "_keep_mode", fail)
     (tmp_path / "failed").mkdir()
-    with pytest.raises(OSError, match="no space"):
+    with pytest.raises(WriteError, match="no space.*Nothing was written under that name"):
         write_volume(tmp_path / "failed" / "out.mhd", volume)
     assert list((tmp_path / "failed").iterdir()) == []
 

@@ -77,7 +77,8 @@ class OracleSaliency:
 
 
 class BoxSam:
-    """A `SliceSam` whose mask is its prompt's boxes, filled; it records the batches it embeds."""
+    """A `SliceSam` whose mask is its prompt's boxes, filled, their far corner excluded (the zero-shot box is
+    MedCLIP-SAMv2's (x, y, x + w, y + h), one past the mask); it records the batches it embeds."""
 
     batch_size = 2
     box_prompts_only = False
@@ -93,7 +94,7 @@ class BoxSam:
     def predict(self, embedding, image_shape, prompt):
         mask = np.zeros(image_shape, bool)
         for x0, y0, x1, y1 in prompt.boxes.astype(int):
-            mask[y0:y1 + 1, x0:x1 + 1] = True
+            mask[y0:y1, x0:x1] = True
         return mask
 
 
@@ -223,11 +224,11 @@ def test_png_image_and_one_slice_volume(tiny_models):
     assert result.report["axis"] == 0 and result.report["slices_embedded"] == 1
 
 
-def test_blank_or_non_finite_volume_gives_empty_segments_with_a_warning(tiny_models, caplog):
+def test_blank_volume_is_refused_and_non_finite_values_are_windowed(tiny_models):
     segmenter = ZeroShotSegmenter(preset_options("fast", saliency="gradcam", slices="all"), *tiny_models)
     zeros = Volume(np.zeros((3, 32, 32), np.float32), np.eye(4))
-    result = segmenter.segment(zeros, ["brain tumor"])
-    assert not result.masks[0].any() and "no slice has any contrast" in caplog.text
+    with pytest.raises(InputError, match="no slice has any contrast"):
+        segmenter.segment(zeros, ["brain tumor"])
     array = np.random.default_rng(0).normal(size=(2, 32, 32)).astype(np.float32)
     array[0, :4] = np.nan
     array[1, :4] = np.inf
@@ -376,7 +377,7 @@ def test_slice_prompts_box_the_coarse_mask_of_each_selected_slice():
     profiles = [PROFILES["tumor"], PROFILES["organ"]]
     prompts = slice_prompts(saliency, selected, profiles, "kmeans", 10, 0, seed=0)
     assert sorted(prompts) == [0, 1] and list(prompts[0]) == [0] and list(prompts[1]) == [1]
-    assert prompts[0][0].boxes.tolist() == [[8, 5, 14, 9]] and prompts[0][0].points is None
+    assert prompts[0][0].boxes.tolist() == [[8, 5, 15, 10]] and prompts[0][0].points is None
     pointed = [replace(PROFILES["tumor"], prompt_type="points")] * 2
     points = slice_prompts(saliency, selected, pointed, "kmeans", 4, 0, seed=3)
     again = slice_prompts(saliency, selected, pointed, "kmeans", 4, 0, seed=3)
@@ -396,7 +397,7 @@ def test_sam_masks_embed_each_prompted_slice_once_for_all_prompts():
     assert sam.batches == [2, 1] and embeddings.computed == 3
     assert masks.shape == (2, 5, 8, 8)
     assert [np.flatnonzero(m.any(axis=(1, 2))).tolist() for m in masks] == [[0, 3], [0, 2]]
-    assert masks[0, 0].sum() == 3 * 3 and masks[0, 0, 2:5, 1:4].all()
+    assert masks[0, 0].sum() == 2 * 2 and masks[0, 0, 2:4, 1:3].all()
     assert reported == [("SAM", 0, 3, ""), ("SAM", 2, 3, ""), ("SAM", 3, 3, "")]
 
 

@@ -16,69 +16,11 @@ from typing import List, Optional
 from . import __version__
 from .environment import check_environment
 from .errors import Cancelled, InputError
+from .models.commands import add_models_command
 from .profiles import PROFILES, PROMPT_TYPES
+from .server.command import add_command as add_serve_command
 
 logger = logging.getLogger("clisc")
-
-
-def _models_list(args: argparse.Namespace) -> None:
-    from .models.cache import is_installed, model_dir
-    from .models.catalogue import CATALOGUE
-
-    print(f"{'name':<18} {'family':<10} {'architecture':<20} {'size':>19}  {'sha256':<9} {'installed':<9} licence")
-    for entry in CATALOGUE:
-        size_text = _models_size_text(entry)
-        published = sum(f.sha256 is not None for f in entry.files)
-        pinned = (model_dir(entry.name) / "pinned_sha256.json").is_file()
-        hashes = ("published" if published == len(entry.files) else "pinned" if pinned
-                  else "partial" if published else "unknown")
-        installed = "yes" if is_installed(entry) else "no"
-        print(f"{entry.name:<18} {entry.family:<10} {entry.architecture:<20} {size_text:>19}  {hashes:<9} "
-              f"{installed:<9} {entry.licence}")
-
-
-def _models_size_text(entry) -> str:
-    """The installed size when the model is installed, else the published size when every file has one, else ?."""
-    from .models.cache import installed_size, is_installed
-
-    if is_installed(entry):
-        size, source = installed_size(entry.name), "installed"
-    elif all(f.size is not None for f in entry.files):
-        size, source = sum(f.size for f in entry.files), "published"
-    else:
-        return "?"
-    return f"{size / 1e9:.2f} GB {source}" if size >= 1e9 else f"{size / 1e6:.0f} MB {source}"
-
-
-def _models_download(args: argparse.Namespace) -> None:
-    from .models.cache import download_model
-    from .progress import TqdmProgress
-
-    progress = TqdmProgress()
-    try:
-        path = download_model(args.name, progress=progress)
-    finally:
-        progress.close()
-    print(path)
-
-
-def _models_import(args: argparse.Namespace) -> None:
-    from .models.cache import import_model
-
-    print(import_model(args.name, args.file))
-
-
-def _models_forget(args: argparse.Namespace) -> None:
-    from .models.cache import remove_model
-
-    removed = remove_model(args.name)
-    print("\n".join(f"removed {path}" for path in removed) or f"model '{args.name}' is not installed; nothing removed")
-
-
-def _models_path(args: argparse.Namespace) -> None:
-    from .models.cache import clisc_home, model_path
-
-    print(model_path(args.name) if args.name else clisc_home() / "models")
 
 
 def _check_outputs(source: str, outputs: List[Optional[str]], overwrite: bool) -> None:
@@ -143,12 +85,7 @@ def _segment(args: argparse.Namespace) -> None:
     from .progress import TqdmProgress
     from .readers import read_volume
     from .writers import VOLUME_SUFFIXES, output_kind, write_bytes, write_volume
-    from .zeroshot import (
-        ZeroShotSegmenter,
-        check_options,
-        check_prompts,
-        preset_options,
-    )
+    from .zeroshot import ZeroShotSegmenter, check_options, check_prompts, preset_options
 
     prompts = check_prompts(args.prompt)
     dicom_seg = _dicom_seg_targets(args)
@@ -163,14 +100,14 @@ def _segment(args: argparse.Namespace) -> None:
         components=args.components, box_per_component=args.box_per_component, keep_3d=args.keep_3d,
         prompt_type=args.prompt_type, relevance_threshold=args.relevance_threshold,
         relevance_smoothing=args.relevance_smoothing, axis=args.axis, device=args.device, slices=args.slices,
-        seed=args.seed, mode=args.mode,
+        seed=args.seed, mode=args.mode, runtime=args.runtime,
         negative_prompts=tuple(check_prompts(args.negative_prompt)) if args.negative_prompt else None)
     volume = read_volume(args.input, series_uid=args.series)
     check_options(volume, options)
+    _prepare_models(args, [(options.clip, "clip"), (options.sam, "sam")])
     segmenter = ZeroShotSegmenter(options)
     if segmenter.device.type == "cpu":
-        logger.warning("running on the CPU: expect minutes per volume (--preset fast is quicker; a CUDA GPU "
-                       "is much quicker)")
+        logger.warning(CPU_WARNINGS[args.preset])
     progress = TqdmProgress()
     try:
         result = segmenter.segment(volume, prompts, progress=progress)
@@ -187,6 +124,26 @@ def _segment(args: argparse.Namespace) -> None:
     for name, mask in zip(result.names, result.masks):
         print(f"{name}: {int(mask.sum())} voxels")
     print(f"wrote {args.output}")
+
+
+CPU_WARNINGS = {  # no figure: the time depends on the CPU, the volume and how many slices show the target
+    "accurate": "running on the CPU, which is slow for this method: --preset fast is quicker, a CUDA GPU much "
+                "quicker (README: Accuracy and speed)",
+    "fast": "running on the CPU, which is slow for this method even with --preset fast: a CUDA GPU is much "
+            "quicker (README: Accuracy and speed)",
+}
+
+
+def _prepare_models(args: argparse.Namespace, models: list) -> None:
+    """Check the (spec, family) models and download the missing ones, with a progress bar (`models.first_use`)."""
+    from .models.first_use import prepare_models
+    from .progress import TqdmProgress
+
+    progress = TqdmProgress()
+    try:
+        prepare_models(models, "--no-download was given" if args.no_download else None, progress)
+    finally:
+        progress.close()
 
 
 def _numbered(path, index: int, count: int):
@@ -214,7 +171,7 @@ def _train(args: argparse.Namespace) -> None:
     progress = TqdmProgress(disable=args.json_progress)
     try:
         summary = run_cohort(args.cohort, args.prompt, args.out, options, progress=progress, events=events,
-                             resume=args.resume)
+                             resume=args.resume, download=not args.no_download)
     finally:
         progress.close()
     if args.json_progress:
@@ -304,12 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--clip", metavar="NAME|DIR", help="CLIP: catalogue name or open_clip folder")
     segment.add_argument("--sam", metavar="NAME|FILE",
                          help="SAM: catalogue name (litemedsam, sam_vit_b, ...) or checkpoint file")
-    segment.add_argument("--saliency", choices=["m2ib", "gscorecam", "gradcam"])
+    segment.add_argument("--saliency", choices=["m2ib", "gscorecam", "gradcam"],
+                         help="the saliency method (default the preset's, m2ib); gradcam is the quick one (one forward "
+                              "and backward pass, the weakest maps), gscorecam the slowest (300 masked passes, about "
+                              "6x M2IB's work)")
     segment.add_argument("--profile", default="auto", metavar="auto|" + "|".join(PROFILES),
                          help="the target's method settings: " + "; ".join(f"{p.name}: {p.description}"
                                                                            for p in PROFILES.values())
                               + " (default auto: from each prompt's words; the report says which and why)")
-    segment.add_argument("--beta", type=float, metavar="B", help="M2IB's β (profile: 2 tumor, 1 otherwise)")
+    segment.add_argument("--beta", type=float, metavar="B",
+                         help="M2IB's β (default: 2 when the prompt names the brain, else 1)")
     segment.add_argument("--components", type=int, metavar="K", help="components kept per slice (and in 3D)")
     segment.add_argument("--box-per-component", action=argparse.BooleanOptionalAction,
                          help="one SAM box per component (paired organs) or one around all")
@@ -328,10 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--saliency-out", metavar="FILE", help="also write the saliency map as a volume")
     segment.add_argument("--report", metavar="FILE.json", help="write what was done, with timings and models")
     segment.add_argument("--seed", type=int)
-    segment.add_argument("--series", metavar="UID", help="DICOM series to read from a folder holding several")
+    segment.add_argument("--runtime", choices=["auto", "torch", "openvino", "onnxruntime"], help="CPU runtime (auto)")
+    segment.add_argument("--series", metavar="UID|FILE", help="DICOM series of a folder with several: UID or a file")
     segment.add_argument("--dicom-seg", metavar="DIR",
                          help="also write a DICOM SEG (DIR/clisc_seg.dcm) referencing the input DICOM series")
     segment.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    segment.add_argument("--no-download", action="store_true",
+                         help="never download a missing model: list every missing one with how to get it")
     segment.set_defaults(run=_segment)
     train = commands.add_parser(
         "train", help="pseudo-label a cohort and self-train a 3D U-Net (CLISC); runs under torchrun too")
@@ -349,8 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--abnormal-prompt", metavar="TEXT", help="CLIP's 'abnormal slice' text (default: derived)")
     train.add_argument("--clip", metavar="NAME|DIR", help="CLIP (default clip_vit_b32, the paper's)")
     train.add_argument("--sam", metavar="NAME|FILE", help="SAM (default sam_vit_b)")
+    train.add_argument("--classifier", choices=["auto", "resnet50", "efficientnet-lite0"],
+                       help="slice classifier backbone (default auto: resnet50 when its ImageNet weights are "
+                            "installed, else efficientnet-lite0, whose ImageNet weights ship with CLISC)")
     train.add_argument("--classifier-weights", metavar="NAME|FILE|none",
-                       help="ResNet-50 start weights (default resnet50_imagenet; none: random)")
+                       help="classifier start weights (default: the backbone's ImageNet weights; none: random)")
     train.add_argument("--clip-threshold", type=float, metavar="F",
                        help="CLIP confidence to label a slice (default 0.6)")
     train.add_argument("--classifier-epochs", type=int, metavar="N", help="slice classifier epochs (default 20)")
@@ -372,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--json-progress", action="store_true",
                        help="print progress as one JSON object per line on stdout instead of progress bars")
+    train.add_argument("--no-download", action="store_true",
+                       help="never download a missing model: list every missing one with how to get it")
     train.set_defaults(run=_train)
     apply = commands.add_parser("apply", help="segment a volume with a trained CLISC run")
     apply.add_argument("run_dir", metavar="RUN_DIR", help="the --out folder of a finished `clisc train`")
@@ -410,23 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--overwrite", action="store_true", help="replace existing output files")
     evaluate.set_defaults(run=_evaluate)
 
-    models = commands.add_parser("models", help="list, download, import, forget or locate model weights")
-    model_commands = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
-    model_commands.add_parser("list", help="the catalogue and what is installed").set_defaults(run=_models_list)
-    download = model_commands.add_parser(
-        "download", help="download a model (resumes; checks size, hashes and architecture before installing)")
-    download.add_argument("name")
-    download.set_defaults(run=_models_download)
-    imported = model_commands.add_parser("import", help="install a model from a local file or folder")
-    imported.add_argument("name")
-    imported.add_argument("file", help="the checkpoint file, or a folder holding the model's files")
-    imported.set_defaults(run=_models_import)
-    forget = model_commands.add_parser("forget", help="remove an installed model and its pinned hashes")
-    forget.add_argument("name")
-    forget.set_defaults(run=_models_forget)
-    path = model_commands.add_parser("path", help="where models are cached, or where one model is")
-    path.add_argument("name", nargs="?")
-    path.set_defaults(run=_models_path)
+    add_models_command(commands)
+    add_serve_command(commands)
     return parser
 
 

@@ -13,6 +13,9 @@ import torch.nn.functional as F
 
 from .models.loaders import ClipModel
 from .precision import inference
+from .runtime import module_forward
+from .saliency.kept_tokens import KeptTokens
+from .saliency.vision_tower import TowerWithTokens
 
 POSITIVE_TEMPLATES = ("{}", "a medical image showing {}", "a scan with {}", "an image of {}")
 NEGATIVE_PROMPTS = ("a medical image of normal healthy tissue", "a medical image with no abnormality",
@@ -26,13 +29,23 @@ class ClipScorer:
         clip: the loaded model.
         device: where it runs.
         autocast_dtype: dtype for forward passes under autocast, or None for float32.
+        runtime: where the image tower runs for `image_embeddings` (`clisc.runtime.RUNTIMES`); text, always
+            in PyTorch.
+
+    Attributes:
+        kept_tokens: where `image_embeddings` keeps, from the same pass, the tokens after the block M2IB asks
+            for (`clisc.saliency.KeptTokens`).
     """
 
-    def __init__(self, clip: ClipModel, device: torch.device, autocast_dtype: Optional[torch.dtype] = None) -> None:
+    def __init__(self, clip: ClipModel, device: torch.device, autocast_dtype: Optional[torch.dtype] = None,
+                 runtime: str = "torch") -> None:
         self.clip = clip
         self.model = clip.model.to(device)
         self.device = device
         self.autocast_dtype = autocast_dtype
+        self.runtime = runtime
+        self.kept_tokens = KeptTokens()
+        self._tower = None  # the image tower's forward in the runtime, built on first use for kept_tokens.layer
         self.mean = torch.tensor(clip.mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(clip.std, device=device).view(1, 3, 1, 1)
 
@@ -65,12 +78,27 @@ class ClipScorer:
         return full[:, 0, :height, :width].cpu().numpy()
 
     def image_embeddings(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-        """L2-normalised image embeddings (B, D) of CLIP inputs (B, 3, S, S)."""
+        """L2-normalised image embeddings (B, D) of CLIP inputs (B, 3, S, S); the tokens after block
+        ``kept_tokens.layer`` of each image are kept (replacing the previous call's) when a layer is set."""
+        layer = self.kept_tokens.layer
+        if self._tower is None or self._tower[0] != layer:
+            probe = torch.randn((1, *images.shape[1:]), generator=torch.Generator().manual_seed(0))
+            tower = module_forward(TowerWithTokens(self.model, layer), probe, self.runtime, self.device,
+                                   self.autocast_dtype, "clip-tower")
+            self._tower = (layer, tower)
+        self.kept_tokens.clear()
         outputs = []
-        with inference(self.model, self.device, self.autocast_dtype):
-            for start in range(0, len(images), batch_size):
-                outputs.append(self.model.encode_image(images[start:start + batch_size]).float())
+        for start in range(0, len(images), batch_size):
+            chunk = images[start:start + batch_size]
+            features, *tokens = self._tower[1](chunk)
+            outputs.append(features.to(self.device))
+            if tokens:
+                self.kept_tokens.add(chunk, tokens[0], self.autocast_dtype)
         return F.normalize(torch.cat(outputs), dim=-1)
+
+    def tower_runtime(self) -> Optional[dict]:
+        """What ran the image tower (`clisc.runtime.forwards`), for the report; None before any image."""
+        return self._tower[1].describe() if self._tower is not None else None
 
     def relevance(self, image_embeddings: torch.Tensor, positive: torch.Tensor, negative: torch.Tensor) -> np.ndarray:
         """Probability (B,) that each image matches ``positive`` rather than ``negative`` (two-way softmax

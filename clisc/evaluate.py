@@ -5,6 +5,9 @@
   Foreground: label > 0 of a labelmap; any segment of a .seg.nrrd, or the one named by ``segment``.
 - Labels: one labelmap (for one prediction), or a folder / CSV as `clisc.cohort.run.label_paths` reads them.
   Foreground: label > 0, or label == ``label_value``.
+- What is not a mask is refused, naming the file: a labelmap holding NaN, infinite or fractional values (a
+  probability or saliency map), a .seg.nrrd without segments, a ``label_value`` found in no label (one found
+  in some labels only is scored, with a warning naming the others).
 
 Masks are (K, J, I) bool arrays. A prediction must lie on its label's voxel grid (`check_same_grid`): it is
 never resampled. Scores are `clisc.metrics.evaluate`'s (Dice, HD95 in mm, NSD at a tolerance in mm) with the
@@ -17,6 +20,7 @@ import importlib.util
 import io
 import json
 import logging
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -29,7 +33,7 @@ from .cohort.run_folder import RunFolder
 from .errors import InputError
 from .metrics import EMPTY_CASE_RULE, NSD_TOLERANCE_MM, evaluate
 from .progress import ProgressCallback, no_progress
-from .readers import VOLUME_SUFFIXES, read_volume
+from .readers import VOLUME_SUFFIXES, read_segmentation, read_volume
 from .volume import LPS_TO_RAS, Volume
 from .writers import SEGMENTATION_SUFFIX
 
@@ -91,6 +95,10 @@ def match_cases(prediction: Path, labels: Path, cases_file: Optional[Path] = Non
         case_ids = list(predictions)
     else:
         case_ids = sorted(set(predictions) | set(label_files))
+    missing = [str(label_files[case]) for case in sorted(case_ids) if case in label_files
+               and not label_files[case].is_file()]
+    if missing:
+        raise InputError(f"{labels}: {len(missing)} of the label files it lists do not exist: {', '.join(missing)}")
     return Evaluation(predictions, label_files, sorted(case_ids), label_value, segment)
 
 
@@ -133,24 +141,42 @@ def read_mask(path: Path, value: Optional[int] = None, segment: Optional[str] = 
         return _read_segmentation(path, segment)
     if segment is not None:
         raise InputError(f"{path}: --segment selects a segment of a .seg.nrrd; this is a labelmap")
-    volume = read_volume(path)
+    volume = read_volume(path, finite=False)
+    check_labelmap(volume.array, path)
     return volume.with_array(volume.array > 0 if value is None else volume.array == value)
 
 
-def _read_segmentation(path: Path, segment: Optional[str]) -> Volume:
-    import slicerio
+def check_labelmap(array: np.ndarray, path: Path) -> None:
+    """InputError naming ``path`` unless ``array`` holds whole numbers only (no NaN, infinity or fraction)."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    finite = np.isfinite(array)
+    fractional = finite & (array != np.round(array))
+    if finite.all() and not fractional.any():
+        return
+    what = (f"{array.size - np.count_nonzero(finite)} of its {array.size} voxels are NaN or infinite"
+            if not finite.all() else
+            f"{np.count_nonzero(fractional)} of its {array.size} voxels hold fractions (e.g. {array[fractional][0]:g})")
+    raise InputError(f"{path}: not a mask or labelmap: {what}. Give a labelmap of whole numbers (0 for the "
+                     "background); threshold a probability or saliency map first")
 
+
+def _read_segmentation(path: Path, segment: Optional[str]) -> Volume:
     try:
-        segmentation = slicerio.read_segmentation(str(path))
+        segmentation = read_segmentation(path)
     except Exception as error:  # pynrrd and slicerio raise many kinds on a broken file
         raise InputError(f"{path}: not a readable Slicer segmentation ({error})") from None
+    if not segmentation["segments"]:
+        raise InputError(f"{path}: the segmentation holds no segment, so it has nothing to score (an empty segment "
+                         "would score as an empty prediction); export it again with its segments")
     names = [s["name"] for s in segmentation["segments"]]
-    if segment is not None and segment not in names:
-        raise InputError(f"{path}: no segment named {segment!r}; its segments: {', '.join(names) or 'none'}")
+    wanted = segment and unicodedata.normalize("NFC", segment)  # as typed on macOS, "é" may come decomposed
+    if segment is not None and wanted not in [unicodedata.normalize("NFC", name) for name in names]:
+        raise InputError(f"{path}: no segment named {segment!r}; its segments: {', '.join(names)}")
     voxels = segmentation["voxels"]  # (I, J, K), or (layer, I, J, K) when segments overlap
     mask = np.zeros(voxels.shape[-3:], bool)
     for entry in segmentation["segments"]:
-        if segment is None or entry["name"] == segment:
+        if segment is None or unicodedata.normalize("NFC", entry["name"]) == wanted:
             layer = voxels[entry.get("layer", 0)] if voxels.ndim == 4 else voxels
             mask |= layer == entry.get("labelValue", 1)
     return Volume(mask.transpose(2, 1, 0), LPS_TO_RAS @ np.asarray(segmentation["ijkToLPS"], float), str(path))
@@ -199,9 +225,26 @@ def score(evaluation: Evaluation, nsd_tolerance_mm: float = NSD_TOLERANCE_MM,
         prediction, truth = evaluation.masks(case)
         cases[case] = evaluate(prediction.array, truth.array, truth.spacing[::-1], nsd_tolerance_mm)
     progress("evaluate", len(scored), len(scored), "")
+    _check_label_value(evaluation, cases)
     return {"foreground": evaluation.foreground(), "nsd_tolerance_mm": float(nsd_tolerance_mm),
             "empty_case_rule": EMPTY_CASE_RULE, "cases": cases, "not_evaluated": not_evaluated,
             "summary": summarise(cases)}
+
+
+def _check_label_value(evaluation: Evaluation, cases: dict[str, dict]) -> None:
+    """InputError when ``label_value`` occurs in no scored label (a wrong value: every truth would be empty); a
+    warning naming the cases whose label lacks it (scored against an empty truth)."""
+    value = evaluation.label_value
+    absent = [case for case, scores in cases.items() if scores["truth_voxels"] == 0]
+    if value is None or not absent:
+        return
+    if len(absent) == len(cases):
+        path = evaluation.labels[absent[0]]
+        found = np.unique(read_volume(path, finite=False).array)
+        raise InputError(f"--label {value}: no label holds the value {value}, so there is nothing to score (the "
+                         f"values in {path}: {', '.join(f'{v:g}' for v in found[:20])}); give one of those")
+    logger.warning("--label %d: the labels of %d of %d cases do not hold the value %d (%s): they are scored against an "
+                   "empty truth", value, len(absent), len(cases), value, _some(absent))
 
 
 def _some(ids, count: int = 5) -> str:

@@ -11,7 +11,9 @@ scored.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +28,15 @@ NSD_TOLERANCE_MM = 2.0
 def image_diagonal_mm(shape: Sequence[int], spacing: Sequence[float]) -> float:
     """Length in mm of the diagonal of an image of ``shape`` voxels of size ``spacing`` (mm, same order)."""
     return float(np.linalg.norm(np.asarray(shape, float) * np.asarray(spacing, float)))
+
+
+@contextmanager
+def _quiet_monai() -> Iterator[None]:
+    """MONAI 1.5's surface metrics pass get_mask_edges an argument it deprecates, and warn (FutureWarning) about
+    their own call, in the middle of `clisc evaluate`'s output: nothing a user can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy", category=FutureWarning)
+        yield
 
 
 def _as_batch(mask: np.ndarray) -> torch.Tensor:
@@ -58,8 +69,9 @@ def hd95(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) ->
         return 0.0
     if not prediction.any() or not truth.any():
         return image_diagonal_mm(truth.shape, spacing)
-    distance = compute_hausdorff_distance(_as_batch(prediction), _as_batch(truth), include_background=True,
-                                          percentile=95, spacing=[float(s) for s in spacing])
+    with _quiet_monai():
+        distance = compute_hausdorff_distance(_as_batch(prediction), _as_batch(truth), include_background=True,
+                                              percentile=95, spacing=[float(s) for s in spacing])
     return float(distance[0, 0])
 
 
@@ -71,8 +83,9 @@ def nsd(prediction: np.ndarray, truth: np.ndarray, spacing: Sequence[float],
         return 1.0
     if not prediction.any() or not truth.any():
         return 0.0
-    score = compute_surface_dice(_as_batch(prediction), _as_batch(truth), [float(tolerance_mm)],
-                                 include_background=True, spacing=[float(s) for s in spacing])
+    with _quiet_monai():
+        score = compute_surface_dice(_as_batch(prediction), _as_batch(truth), [float(tolerance_mm)],
+                                     include_background=True, spacing=[float(s) for s in spacing])
     return float(score[0, 0])
 
 

@@ -1,10 +1,11 @@
 """Target profiles: the method settings that suit a kind of target, chosen by name or from the prompt's words.
 
 A profile fixes M2IB's β, how many connected components the 2D coarse mask keeps (K) and whether each gets
-its own SAM box, the SAM prompt type, and the 3D component rule. β 2 for brain MRI and 1 for breast
-ultrasound are MedCLIP-SAMv2's per-dataset settings; K = 2 with a box per component is its paired-organ
-(lung) mode. The 3D rule is not in either paper: keeping only the largest 3D component is ours, and it
-deletes every lesion but one in a multifocal case, hence the "lesion" profile.
+its own SAM box, the SAM prompt type, and the 3D component rule. β is 1 in every profile, MedCLIP-SAMv2's
+setting for breast ultrasound; its brain MRI setting, 2, is given (with "auto") to a prompt that names the
+brain or a brain tumour, whatever the profile. K = 2 with a box per component is its paired-organ (lung)
+mode. The 3D rule is not in either paper: keeping only the largest 3D component is ours, and it deletes
+every lesion but one in a multifocal case, hence the "lesion" profile.
 
 Standard library only (with `clisc.errors`): the CLI's parser and the Slicer module import it before the
 environment check and before CLISC's packages are installed.
@@ -46,7 +47,7 @@ class Profile:
 
 
 PROFILES = {profile.name: profile for profile in (
-    Profile("tumor", "one tumour, brain MRI (MedCLIP-SAMv2's brain settings)", 2.0, 1, False, "box", "largest"),
+    Profile("tumor", "one tumour", 1.0, 1, False, "box", "largest"),
     Profile("lesion", "multifocal lesions: every component of 10 mm³ or more", 1.0, 3, True, "box", "10"),
     Profile("paired-organ", "both organs of a pair (lungs, kidneys): two components, a box each", 1.0, 2, True, "box",
             "largest"),
@@ -61,6 +62,9 @@ TUMOUR_WORDS = ("tumor", "tumors", "tumour", "tumours", "glioma", "glioblastoma"
                 "neoplasm", "meningioma")
 PAIRED_WORDS = ("lungs", "kidneys", "adrenals", "breasts", "ovaries", "eyes", "hippocampi", "femurs")
 SIDE_WORDS = ("left", "right")
+BRAIN_WORDS = ("brain", "cerebral", "cerebrum", "cerebellum", "cerebellar", "intracranial", "glioma", "gliomas",
+               "glioblastoma", "glioblastomas", "astrocytoma", "meningioma", "meningiomas")
+BRAIN_BETA = 2.0  # MedCLIP-SAMv2's β for brain MRI
 
 
 def choose_profile(prompt: str, name: str = "auto", two_dimensional: bool = False) -> tuple[Profile, str]:
@@ -68,13 +72,25 @@ def choose_profile(prompt: str, name: str = "auto", two_dimensional: bool = Fals
 
     Auto, first match: a breast target on a 2D image → breast-us; a lesion word ("lesions", "metastases",
     "nodules") → lesion; a tumour word → tumor; a paired organ in the plural ("lungs", "kidneys", "both
-    ...") without left/right → paired-organ; anything else → organ.
+    ...") without left/right → paired-organ; anything else → organ. Then β: 2 when the prompt names the brain
+    or a brain tumour ("brain", "glioma"), else the profile's 1; ``why`` gives the reason for both.
     """
     if name != "auto":
         if name not in PROFILES:
             raise InputError(f"unknown profile {name!r}; use auto or one of {', '.join(PROFILES)}")
         return PROFILES[name], "chosen"
     words = re.findall(r"[a-z]+", prompt.lower())
+    profile, why = _profile_for_words(words, two_dimensional)
+    brain = _first(words, BRAIN_WORDS)
+    if brain:
+        return (replace(profile, beta=BRAIN_BETA),
+                f'{why}; β {BRAIN_BETA:g}, MedCLIP-SAMv2\'s brain MRI setting: the prompt names a brain target '
+                f'("{brain}")')
+    return profile, (f"{why}; β {profile.beta:g}: no brain target named (MedCLIP-SAMv2 uses β {BRAIN_BETA:g} for "
+                     "brain MRI only)")
+
+
+def _profile_for_words(words: list, two_dimensional: bool) -> tuple[Profile, str]:
     lesion, tumour = _first(words, LESION_WORDS), _first(words, TUMOUR_WORDS)
     pair = _first(words, PAIRED_WORDS) or _first(words, ("both",))
     if two_dimensional and "breast" in words:

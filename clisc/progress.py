@@ -56,7 +56,7 @@ class TqdmProgress:
         if stage != self._stage:
             self.close()
             self._stage = stage
-            self._bar = tqdm(total=total, desc=stage, unit="", leave=False, disable=self._disable)
+            self._bar = tqdm(total=total, desc=stage, leave=False, disable=self._disable, **_units(stage))
         bar = self._bar
         bar.total = total
         bar.n = done
@@ -69,3 +69,9 @@ class TqdmProgress:
             self._bar.close()
             self._bar = None
             self._stage = None
+
+
+def _units(stage: str) -> dict:
+    """tqdm's units for a stage: bytes, in KiB, MiB, GiB, for a download (`clisc.models.download` names its stage
+    "download FILE"); plain counts otherwise."""
+    return {"unit": "B", "unit_scale": True, "unit_divisor": 1024} if stage.startswith("download ") else {"unit": ""}

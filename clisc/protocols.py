@@ -77,12 +77,13 @@ class SliceSam(Protocol):
 
 
 class SliceClassifier(Protocol):
-    """The cohort's slice classifier (`clisc.cohort.classifier.build_classifier`: a ResNet-50), a torch module.
+    """The cohort's slice classifier (`clisc.cohort.classifier.build_classifier`: an ImageNet CNN), a torch module.
 
-    ``layer3`` is the layer LayerCAM reads; `load_state_dict`/`state_dict` save it in the run folder.
+    ``cam_layer`` names the module LayerCAM reads (``model.get_submodule(model.cam_layer)``);
+    `load_state_dict`/`state_dict` save it in the run folder.
     """
 
-    layer3: torch.nn.Module
+    cam_layer: str
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (B, 2) ("normal", "abnormal") of classifier inputs (B, 3, S, S) (`classifier.to_input`)."""

@@ -1,17 +1,17 @@
-"""Read images from files into a `Volume`: NIfTI, NRRD, MHA, a DICOM series folder, PNG/JPG."""
+"""Read images from files into a `Volume`: NIfTI, NRRD, MHA, a DICOM series folder, PNG/JPG; and Slicer
+segmentations (.seg.nrrd) with their segment names."""
 from __future__ import annotations
 
-import gzip
 import logging
-import math
-import struct
-import zlib
+import re
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from .dicom_series import check_regular_stack, choose_series, series_text
 from .errors import InputError
+from .nifti import check_nifti
 from .volume import Volume
 
 logger = logging.getLogger(__name__)
@@ -29,29 +29,34 @@ def rgb_to_grey(pixels: np.ndarray) -> np.ndarray:
     return pixels[..., :3].astype(np.float32) @ LUMINANCE.astype(np.float32)
 
 
-def read_volume(path: str | Path, series_uid: Optional[str] = None) -> Volume:
+def read_volume(path: str | Path, series_uid: Optional[str] = None, finite: bool = True) -> Volume:
     """Read an image file or DICOM series folder into a scalar `Volume`.
 
     Args:
         path: an image file, or a folder holding a DICOM series.
-        series_uid: for a folder holding several DICOM series, the SeriesInstanceUID to read
-            (default: the series with the most files, with a warning naming the others).
+        series_uid: for a folder holding several DICOM series, the SeriesInstanceUID to read, or the name of
+            one of its files (`clisc.dicom_series.choose_series`; default: the series with the most files, with
+            a warning naming the others).
+        finite: replace NaN and infinite voxels, with one warning that counts them (`replace_non_finite`);
+            False keeps them (for masks, which `clisc evaluate` refuses when they hold any).
 
     Raises:
         InputError: missing path, unreadable or non-image file, a truncated or corrupt NIfTI (see
-            `_check_nifti`), folder without DICOM, 4D or multi-component (non-RGB) image, or an image with a
-            zero-length dimension.
+            `clisc.nifti.check_nifti`), folder without DICOM, a DICOM series that is no regular stack of slices
+            (a missing slice: see `clisc.dicom_series.check_regular_stack`), 4D or multi-component (non-RGB)
+            image, or an image with a zero-length dimension.
     """
     import SimpleITK as sitk
 
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file or folder")
+    non_finite = None
     if path.is_dir():
         image = _read_dicom_series(path, series_uid)
     else:
         if path.name.lower().endswith((".nii", ".nii.gz")):
-            _check_nifti(path)
+            non_finite = check_nifti(path)
         try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as error:
@@ -60,101 +65,50 @@ def read_volume(path: str | Path, series_uid: Optional[str] = None) -> Volume:
                 f"{path}: not a readable image ({reason}). Supported inputs: {SUPPORTED}. If it is one of "
                 "these, it may be truncated or corrupt: copy or export it again."
             ) from None
-    return _to_volume(image, path)
+    volume = _to_volume(image, path)
+    if non_finite is not None and non_finite.indices.size:  # ITK's NIfTI reader gives them as 0
+        np.put(volume.array, non_finite.indices, non_finite.values)
+    return replace_non_finite(volume) if finite else volume
 
 
-def _check_nifti(path: Path) -> None:
-    """Refuse a single-file NIfTI-1 or NIfTI-2 (gzipped or not) that SimpleITK would read without complaint
-    although it is broken: a header with a zero-length dimension (read as length 1), a gzip stream that
-    ends early or fails its CRC, or less data than the header describes (vox_offset + voxels × bitpix / 8;
-    the missing voxels would read as zeros). Other files (not NIfTI, or a .hdr/.img pair) are left to SimpleITK.
-    A gzipped file is decompressed once, in chunks, to check it to its end."""
-    try:
-        with path.open("rb") as raw:
-            compressed = raw.read(2) == b"\x1f\x8b"
-    except OSError as error:
-        raise InputError(f"{path}: cannot be read ({error.strerror})") from None
-    try:
-        with (gzip.open(path, "rb") if compressed else path.open("rb")) as stream:
-            head = stream.read(540)
-            layout = _nifti_layout(head)
-            if layout is None:
-                return
-            shape, expected_bytes = layout
-            if 0 in shape:
-                raise InputError(
-                    f"{path}: the header gives size {' × '.join(map(str, shape))}: the image has 0 slices (a "
-                    "zero-length dimension), so there is nothing to segment. Export the image again."
-                )
-            if compressed:
-                size = len(head) + sum(len(chunk) for chunk in iter(lambda: stream.read(1 << 24), b""))
-            else:
-                size = path.stat().st_size
-    except (EOFError, OSError, zlib.error) as error:  # gzip.BadGzipFile is an OSError
-        raise InputError(
-            f"{path}: the file is truncated or corrupt ({error}). Copy or export it again."
-        ) from None
-    if size < expected_bytes:
-        raise InputError(
-            f"{path}: the file is truncated or corrupt: it holds {size} bytes of image but its header describes "
-            f"{expected_bytes}. Copy or export it again."
-        )
+def replace_non_finite(volume: Volume) -> Volume:
+    """``volume`` with its NaN and -Inf voxels set to its lowest finite value, +Inf to its highest (0 when none
+    is finite), with one warning giving their number; ``volume`` itself when every voxel is finite. NaN most
+    often marks voxels outside the field of view of a resampled image, so they become background."""
+    array = volume.array
+    if not np.issubdtype(array.dtype, np.floating):
+        return volume
+    finite = np.isfinite(array)
+    count = array.size - int(np.count_nonzero(finite))
+    if count == 0:
+        return volume
+    low, high = (float(array[finite].min()), float(array[finite].max())) if count < array.size else (0.0, 0.0)
+    logger.warning("%s: %d of %d voxels are NaN or infinite; they are read as %g (NaN, -Inf: the lowest value of the "
+                   "image) and %g (+Inf: the highest)", volume.source or "the image", count, array.size, low, high)
+    return volume.with_array(np.nan_to_num(array, nan=low, neginf=low, posinf=high))
 
 
-# Single-file NIfTI headers: (sizeof_hdr, magic offset, magic, dim format, dim offset, bitpix offset,
-# vox_offset format, vox_offset offset); the byte order is the one in which sizeof_hdr reads right.
-NIFTI_HEADERS = ((348, 344, b"n+1\0", "8h", 40, 72, "f", 108), (540, 4, b"n+2\0", "8q", 16, 14, "q", 168))
-
-
-def _nifti_layout(header: bytes) -> Optional[tuple[tuple[int, ...], int]]:
-    """(shape, bytes up to the end of the voxel data) from a single-file NIfTI-1 or NIfTI-2 header; None when
-    ``header`` is not one (another format, the .hdr of a .hdr/.img pair, or an invalid dimension count)."""
-    for size, magic_at, magic, dim_format, dim_at, bitpix_at, offset_format, offset_at in NIFTI_HEADERS:
-        for order in "<>":
-            if len(header) < size or header[magic_at:magic_at + 4] != magic:
-                continue
-            if struct.unpack_from(order + "i", header)[0] != size:
-                continue
-            dim = struct.unpack_from(order + dim_format, header, dim_at)
-            (bitpix,) = struct.unpack_from(order + "h", header, bitpix_at)
-            (offset,) = struct.unpack_from(order + offset_format, header, offset_at)
-            if not (1 <= dim[0] <= 7 and math.isfinite(offset)):
-                return None
-            shape = tuple(dim[1:dim[0] + 1])
-            return shape, int(offset) + math.ceil(math.prod(shape) * bitpix / 8)
-    return None
-
-
-def _read_dicom_series(folder: Path, series_uid: Optional[str]):
+def _read_dicom_series(folder: Path, selector: Optional[str]):
+    """The SimpleITK image of the series `choose_series` chooses, after `check_regular_stack`."""
     import SimpleITK as sitk
 
-    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # GDCM warns on stderr about non-DICOM files
-    series = {uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), uid)
-              for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder))}
-    if not series:
-        raise InputError(
-            f"{folder}: folder holds no DICOM series. Give a folder of DICOM files (one series) or an image file "
-            f"({SUPPORTED})."
-        )
-    if series_uid is not None:
-        if series_uid not in series:
-            raise InputError(f"{folder}: no DICOM series with UID {series_uid}; the folder holds: {', '.join(series)}")
-        chosen = series_uid
-    else:
-        chosen = max(series, key=lambda uid: len(series[uid]))
-        if len(series) > 1:
-            others = ", ".join(f"{uid} ({len(files)} files)" for uid, files in series.items() if uid != chosen)
-            logger.warning(
-                "%s holds %d DICOM series; reading %s (%d files, the largest). Others: %s. "
-                "To choose one, pass its UID (CLI: --series UID).",
-                folder, len(series), chosen, len(series[chosen]), others,
-            )
+    uid, files = choose_series(folder, selector)
     reader = sitk.ImageSeriesReader()
-    reader.SetFileNames(series[chosen])
+    reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as error:
-        raise InputError(f"{folder}: could not read DICOM series {chosen}: {str(error).strip()[-300:]}") from None
+        raise InputError(f"{folder}: could not read DICOM series {series_text(uid, files)}: "
+                         f"{str(error).strip()[-300:]}") from None
+    if len(files) > 1:
+        try:
+            positions, orientations = (np.array([[float(value) for value in reader.GetMetaData(k, tag).split("\\")]
+                                                 for k in range(len(files))]) for tag in ("0020|0032", "0020|0037"))
+        except (RuntimeError, ValueError):  # files without a position or orientation: no geometry to check
+            return image
+        check_regular_stack(folder, files, positions, orientations, image)
+    return image
 
 
 def _to_volume(image, path: Path) -> Volume:
@@ -184,3 +138,30 @@ def _to_volume(image, path: Path) -> Volume:
     if image.GetDimension() == 3 and image.GetSize()[2] == 1:
         logger.info("%s: a 3D image with one slice, treated as 2D", path)
     return Volume.from_sitk(image, source=str(path))
+
+
+def read_segmentation(path: str | Path) -> dict:
+    """A Slicer segmentation (.seg.nrrd) as ``slicerio.read_segmentation`` returns it, with each segment's name
+    exactly as the file holds it.
+
+    3D Slicer (and `clisc.writers.write_segmentation`) write names as UTF-8 bytes in the NRRD header, but pynrrd,
+    which slicerio uses, decodes the header as ASCII and drops every other byte ("脑肿瘤" reads as ""). So the
+    header is also read here, decoded as UTF-8, and parsed by pynrrd's own header parser; slicerio lists the
+    segments in the order of their header index N (SegmentN_...). Raises what slicerio raises on a broken file.
+    """
+    import nrrd
+    import slicerio
+
+    segmentation = slicerio.read_segmentation(str(path))
+    lines = []
+    with open(path, "rb") as file:
+        for line in file:
+            lines.append(line.decode("utf-8", errors="replace"))
+            if not line.strip():  # the blank line that ends the header
+                break
+    fields = {match.groups(): value for key, value in nrrd.read_header(lines).items()
+              if (match := re.match(r"^Segment([0-9]+)_(.+)", key))}  # slicerio's pattern
+    for index, segment in zip(sorted({int(index) for index, _ in fields}), segmentation["segments"]):
+        if (str(index), "Name") in fields:
+            segment["name"] = fields[str(index), "Name"]
+    return segmentation

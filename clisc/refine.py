@@ -39,7 +39,7 @@ from .propagation import (
     dice,
     interior_point,
 )
-from .volume import Volume
+from .volume import Volume, slice_point  # noqa: F401 (slice_point is part of this module's API too)
 
 logger = logging.getLogger(__name__)
 
@@ -63,20 +63,6 @@ class SliceRefinement:
     mask: np.ndarray
     iou: float
     prompt: dict
-
-
-def slice_point(volume: Volume, ras: Sequence[float], axis: int) -> tuple:
-    """(slice index, (x, y)) of a RAS position (mm) along ``axis``: the nearest voxel's indices. For axis 0
-    (k) that is (k, (i, j)). InputError when the position is outside the volume."""
-    ijk = (np.linalg.inv(volume.ijk_to_ras) @ np.r_[np.asarray(ras, dtype=float), 1.0])[:3]
-    i, j, k = (int(v) for v in np.floor(ijk + 0.5))
-    size_i, size_j, size_k = volume.array.shape[::-1]
-    if not (0 <= i < size_i and 0 <= j < size_j and 0 <= k < size_k):
-        raise InputError(f"the point at RAS {np.round(ras, 2).tolist()} mm is voxel (i, j, k) = ({i}, {j}, {k}), "
-                         f"outside the volume ({size_i} × {size_j} × {size_k} voxels): place it on the image")
-    kji = (k, j, i)
-    row_col = [kji[a] for a in range(3) if a != axis]
-    return kji[axis], (row_col[1], row_col[0])
 
 
 def simulated_click(truth: np.ndarray, prediction: np.ndarray) -> Optional[tuple]:

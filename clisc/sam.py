@@ -4,7 +4,8 @@
 SAM and MedSAM take the longest side resized to 1024 px, RGB 0..255 normalised by SAM's mean and std, zero
 padding; LiteMedSAM takes the longest side resized to 256 px, the slice min-max scaled to [0, 1], zero padding.
 Mask logits go back to the slice grid and are thresholded. Unlike ``SamPredictor`` it embeds many slices
-per forward pass, without gradients, with the fused-attention encoder and, where asked, bf16/fp16 autocast.
+per forward pass, without gradients, with the fused-attention encoder and, where asked, bf16/fp16 autocast;
+LiteMedSAM's encoder can run in another CPU runtime (`clisc.runtime`: OpenVINO, ONNX Runtime).
 """
 from __future__ import annotations
 
@@ -17,8 +18,8 @@ import torch
 
 from .components import largest_components
 from .models.sam_builders import box_prompts_only, takes_min_max_input
-from .precision import inference
 from .prompts import SamPrompt
+from .runtime import module_forward
 from .sam_speed import accelerate_image_encoder
 from .torchvision_compat import import_torchvision
 
@@ -50,9 +51,12 @@ class SliceSegmenter:
             run in float32.
         batch_size: slices per encoder forward pass; halved on a CUDA out-of-memory error, and at one slice
             SAM moves to the CPU.
+        runtime: where LiteMedSAM's image encoder runs on the CPU (`clisc.runtime.RUNTIMES`); SAM's ViT
+            encoders always run in PyTorch, with their fused CPU attention (`clisc.sam_speed`).
     """
 
-    def __init__(self, sam, autocast_dtype: Optional[torch.dtype] = None, batch_size: int = 2) -> None:
+    def __init__(self, sam, autocast_dtype: Optional[torch.dtype] = None, batch_size: int = 2,
+                 runtime: str = "torch") -> None:
         import_torchvision()
         from segment_anything.utils.transforms import ResizeLongestSide
 
@@ -64,6 +68,8 @@ class SliceSegmenter:
         self.transform = ResizeLongestSide(sam.image_encoder.img_size)
         self.min_max_input = takes_min_max_input(sam)
         self.box_prompts_only = box_prompts_only(sam)
+        self.runtime = runtime if self.min_max_input else "torch"
+        self._encoder = None  # the encoder's forward in the runtime, built on first use
 
     def embed(self, images: np.ndarray) -> torch.Tensor:
         """Image embeddings (B, 256, 64, 64) float32 of RGB uint8 slices (B, H, W, 3), for every model here."""
@@ -81,15 +87,22 @@ class SliceSegmenter:
                 logger.warning("GPU out of memory even for one slice: SAM continues on the CPU (slower)")
                 self.device = torch.device("cpu")
                 self.sam.to(self.device)
+                self._encoder = None
             return self.embed(images)
 
     def _encode(self, batch: torch.Tensor) -> torch.Tensor:
-        outputs = []
-        with inference(self.sam.image_encoder, self.device, self.autocast_dtype):
-            for start in range(0, len(batch), self.batch_size):
-                chunk = batch[start:start + self.batch_size].to(self.device)
-                outputs.append(self.sam.image_encoder(chunk).float())
+        if self._encoder is None:
+            size = self.sam.image_encoder.img_size
+            probe = torch.rand((1, 3, size, size), generator=torch.Generator().manual_seed(0))  # LiteMedSAM's [0, 1]
+            self._encoder = module_forward(self.sam.image_encoder, probe, self.runtime, self.device,
+                                           self.autocast_dtype, "sam-encoder")
+        outputs = [self._encoder(batch[start:start + self.batch_size])[0].to(self.device)
+                   for start in range(0, len(batch), self.batch_size)]
         return torch.cat(outputs)
+
+    def encoder_runtime(self) -> Optional[dict]:
+        """What ran the image encoder (`clisc.runtime.forwards`), for the report; None before any slice."""
+        return self._encoder.describe() if self._encoder is not None else None
 
     def _preprocess(self, image: np.ndarray) -> torch.Tensor:
         resized = torch.as_tensor(self.transform.apply_image(image)).permute(2, 0, 1).contiguous()

@@ -60,41 +60,55 @@ def import_torchvision():
     try:
         import torchvision
     except ImportError as error:
-        _forget_partial_import()
+        forget_partial_import()
         raise EnvironmentProblem(
             f"torchvision does not import ({error}). Install the torchvision release that matches torch "
             f"{torch.__version__} (in 3D Slicer: with the PyTorch extension's PyTorch Utils module)."
         ) from None
     except RuntimeError as error:
-        _forget_partial_import()
-        if _MISSING_OPERATOR not in str(error) or _fallback_library is not None:
+        forget_partial_import()
+        if not is_missing_operator_error(error):
             raise EnvironmentProblem(
                 f"torchvision fails to import beside torch {torch.__version__}: {str(error)[:300]}. Install the "
                 "torchvision release built for this torch (same CUDA or CPU flavour)."
             ) from None
-        return _import_with_fallback()
+        define_fallback_operators()
+        import torchvision
+
+        after_fallback_import(torchvision)
     return torchvision
 
 
-def _forget_partial_import() -> None:
-    """Drop the torchvision submodules a failed import left in sys.modules, so that a retry runs them again."""
-    for name in [name for name in sys.modules if name == "torchvision" or name.startswith("torchvision.")]:
+def is_missing_operator_error(error: BaseException) -> bool:
+    """Whether ``error`` is the failure the fallback operators cure (and they are not defined yet)."""
+    return _MISSING_OPERATOR in str(error) and _fallback_library is None
+
+
+def forget_partial_import(keep_package: bool = False) -> None:
+    """Drop the torchvision modules a failed import left in sys.modules, so that a retry runs them again
+    (``keep_package``: all but ``torchvision`` itself, which an import hook runs again in place)."""
+    for name in [name for name in sys.modules if name.startswith("torchvision.")
+                 or (name == "torchvision" and not keep_package)]:
         del sys.modules[name]
 
 
-def _import_with_fallback():
+def define_fallback_operators() -> None:
+    """Define the ``torchvision::nms`` and ``qnms`` schemas, with the pure-torch `nms`, for an import to follow.
+    Only after the real import has failed: see the module's docstring."""
     global _fallback_library
     _fallback_library = torch.library.Library("torchvision", "DEF")
     for name in ("nms", "qnms"):
         _fallback_library.define(name + _NMS_SCHEMA)
     _fallback_library.impl("nms", nms, "CompositeExplicitAutograd")
-    import torchvision
+
+
+def after_fallback_import(torchvision) -> None:
+    """Let ``torchvision.ops.nms`` run on the fallback operator (it refuses when the compiled library is missing),
+    and say once what happened."""
     import torchvision.ops.boxes
 
-    # torchvision.ops.nms refuses to run when the compiled library is missing; ours is registered.
     torchvision.ops.boxes._assert_has_ops = lambda: None
     logger.warning(
         "torchvision %s's compiled operators do not load against torch %s (mismatched builds, e.g. PyPI's CUDA "
         "torchvision beside a CPU torch); using a pure-torch nms. Install the torchvision build that matches "
         "torch to remove this warning.", torchvision.__version__, torch.__version__)
-    return torchvision

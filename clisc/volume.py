@@ -1,5 +1,7 @@
 """`Volume`: a voxel array with the geometry that places it in patient space.
 
+It imports numpy only (no torch): a remote client maps clicks to slices with `slice_axis` and `slice_point`.
+
 Conventions (the same as 3D Slicer's):
 - ``array`` is indexed ``[k, j, i]`` (slowest to fastest), as ``slicer.util.arrayFromVolume`` returns it.
 - ``ijk_to_ras`` is the 4×4 matrix from voxel index (i, j, k, 1) to patient RAS millimetres.
@@ -8,10 +10,15 @@ Conventions (the same as 3D Slicer's):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
+from .errors import InputError
+
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+AXIS_NAMES = {"k": 0, "j": 1, "i": 2}
+ANATOMICAL_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # the RAS axis each plane is normal to
 
 
 @dataclass
@@ -89,3 +96,30 @@ class Volume:
         image.SetDirection((ijk_to_lps[:3, :3] / spacing).ravel().tolist())
         image.SetOrigin(ijk_to_lps[:3, 3].tolist())
         return image
+
+
+def slice_axis(volume: Volume, axis: str) -> int:
+    """Array axis (0=k, 1=j, 2=i) to slice along: an index letter, an anatomical plane, or auto."""
+    if axis == "auto":
+        return volume.acquisition_axis()
+    if axis in AXIS_NAMES:
+        return AXIS_NAMES[axis]
+    if axis in ANATOMICAL_AXES:
+        # the index axis (i, j, k) whose direction is closest to the plane's normal, as an array axis
+        directions = np.abs(volume.ijk_to_ras[:3, :3] / volume.spacing)
+        return 2 - int(np.argmax(directions[ANATOMICAL_AXES[axis]]))
+    raise InputError(f"unknown axis {axis!r}; use auto, axial, coronal, sagittal, k, j or i")
+
+
+def slice_point(volume: Volume, ras: Sequence[float], axis: int) -> tuple:
+    """(slice index, (x, y)) of a RAS position (mm) along ``axis``: the nearest voxel's indices. For axis 0
+    (k) that is (k, (i, j)). InputError when the position is outside the volume."""
+    ijk = (np.linalg.inv(volume.ijk_to_ras) @ np.r_[np.asarray(ras, dtype=float), 1.0])[:3]
+    i, j, k = (int(v) for v in np.floor(ijk + 0.5))
+    size_i, size_j, size_k = volume.array.shape[::-1]
+    if not (0 <= i < size_i and 0 <= j < size_j and 0 <= k < size_k):
+        raise InputError(f"the point at RAS {np.round(ras, 2).tolist()} mm is voxel (i, j, k) = ({i}, {j}, {k}), "
+                         f"outside the volume ({size_i} × {size_j} × {size_k} voxels): place it on the image")
+    kji = (k, j, i)
+    row_col = [kji[a] for a in range(3) if a != axis]
+    return kji[axis], (row_col[1], row_col[0])

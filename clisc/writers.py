@@ -1,10 +1,12 @@
 """Write masks and volumes on the grid of a reference `Volume`: labelmaps, Slicer `.seg.nrrd`, float maps.
 
-Every writer writes to a temporary file beside the target and renames it into place, so a failure or a
-cancellation never leaves a half-written file under the final name.
+Every writer writes to a temporary file beside the target, checks that the write was complete, and only then
+renames it into place, so a failure (a full disk) or a cancellation never leaves a half-written file under
+the final name, and never replaces an existing file with one. A failed write raises `WriteError`.
 """
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import stat
@@ -14,7 +16,8 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, WriteError
+from .nifti import check_nifti
 from .readers import VOLUME_SUFFIXES
 from .volume import Volume
 
@@ -43,11 +46,31 @@ def output_kind(path: str | Path) -> str:
 PARTIAL_MARK = ".partial"  # in the names of files being written; `remove_partial_files` finds them by it
 
 
+FULL_DISK_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+
+
+def write_failed(path: str | Path, reason: str, full: bool = True) -> WriteError:
+    """The error for a write of ``path`` that failed for ``reason``; ``full``: it may be a full disk."""
+    hint = "; the disk may be full, or a quota or file-size limit reached: free some space and run again"
+    return WriteError(f"{path}: could not be written ({reason}){hint if full else ''}.")
+
+
+@contextmanager
+def reporting_write_errors(path: str | Path) -> Iterator[None]:
+    """Turn an OSError raised while writing ``path`` into `write_failed`'s `WriteError`."""
+    try:
+        yield
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise write_failed(path, reason, full=error.errno in FULL_DISK_ERRORS or error.errno is None) from error
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` (hidden, marked partial, ending with the same suffix so that
     writers choose the same format); move it onto ``path`` on success, remove it on failure (nothing is ever
-    left under the final name).
+    left under the final name, and a file there is kept). An OSError (a write past a full disk) becomes a
+    `WriteError` naming ``path``; a writer that reports failures otherwise raises `write_failed` itself.
 
     Permissions: a new file gets 0666 minus the umask, as any file ``open`` creates; a file that replaces an
     existing one keeps that file's mode (as ``cp`` onto an existing file does).
@@ -56,13 +79,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     if not path.parent.is_dir():
         raise InputError(f"{path}: the folder {path.parent} does not exist")
     suffix = "".join(path.suffixes[-2:]) if path.name.lower().endswith((".nii.gz", ".seg.nrrd")) else path.suffix
-    temporary = _create_partial(path, suffix)
     try:
-        yield temporary
-        _keep_mode(temporary, path)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+        with reporting_write_errors(path):
+            temporary = _create_partial(path, suffix)
+            try:
+                yield temporary
+                _keep_mode(temporary, path)
+                os.replace(temporary, path)
+            finally:
+                temporary.unlink(missing_ok=True)
+    except WriteError as error:
+        raise WriteError(f"{error} Nothing was written under that name (a file there is kept as it was).") from error
 
 
 def _create_partial(path: Path, suffix: str) -> Path:
@@ -102,29 +129,61 @@ def remove_partial_files(folder: str | Path) -> list[Path]:
 
 def write_volume(path: str | Path, reference: Volume, array: Optional[np.ndarray] = None) -> None:
     """Write ``array`` (K, J, I) (default: the reference's own) on the reference's grid (NIfTI/NRRD/MHA/MHD;
-    a .mhd header gets its voxels beside it in NAME.zraw, see `_write_mhd`)."""
-    import SimpleITK as sitk
-
+    a .mhd header gets its voxels beside it in NAME.zraw, see `_write_mhd`). `WriteError` when the file could
+    not be written whole (`_write_image`)."""
     image = reference.to_sitk(array)
     with atomic_path(path) as temporary:
         if temporary.suffix.lower() == ".mhd":
             _write_mhd(image, temporary, Path(path))
         else:
-            sitk.WriteImage(image, str(temporary), useCompression=True)
+            _write_image(image, temporary, Path(path))
+
+
+def _write_image(image, temporary: Path, final: Path) -> None:
+    """``sitk.WriteImage`` to ``temporary``, then read it back: `write_failed` unless it holds ``image``.
+
+    ITK's NIfTI writer reports a short write (a full disk) only on stderr, and its reader fills what is missing
+    with zeros, so a NIfTI is first checked against the size its header describes (`check_nifti`); the other
+    writers raise, and any file is read back and compared voxel for voxel. The file is flushed to disk first
+    (``fsync``), where a network file system reports what it could not store."""
+    import SimpleITK as sitk
+
+    try:
+        sitk.WriteImage(image, str(temporary), useCompression=True)
+        _sync(temporary)
+        if temporary.name.lower().endswith((".nii", ".nii.gz")):
+            check_nifti(temporary)
+        written = sitk.ReadImage(str(temporary))
+    except RuntimeError as error:  # ITK's writers and readers
+        raise write_failed(final, str(error).strip().splitlines()[-1].removeprefix("Reason: ")) from None
+    except InputError:  # from check_nifti
+        raise write_failed(final, "the file written is cut short") from None
+    voxels, expected = sitk.GetArrayViewFromImage(written), sitk.GetArrayViewFromImage(image)
+    if not np.array_equal(voxels, expected, equal_nan=np.issubdtype(expected.dtype, np.floating)):
+        raise write_failed(final, "the file read back differs from what was written")
+
+
+def _sync(path: Path) -> None:
+    """``fsync`` the file at ``path`` (opened for writing: Windows' fsync needs it)."""
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _write_mhd(image, header: Path, final: Path) -> None:
     """Write a MetaImage ``header`` (the temporary name of ``final``) with its compressed voxels in FINAL.zraw.
 
-    SimpleITK names the data file after the header it writes (the temporary one), so the data file is moved to
-    the final name, keeping the mode of a file it replaces, and the header's ElementDataFile is rewritten to
-    match, before the header itself is moved into place. The temporary data file is removed on failure.
+    SimpleITK names the data file after the header it writes (the temporary one), so the data file is checked
+    (`_write_image`), then moved to the final name, keeping the mode of a file it replaces, and the header's
+    ElementDataFile is rewritten to match, before the header itself is moved into place. The temporary data
+    file is removed on failure.
     """
-    import SimpleITK as sitk
-
     data, final_data = header.with_suffix(".zraw"), final.with_suffix(".zraw")
     try:
-        sitk.WriteImage(image, str(header), useCompression=True)
+        _write_image(image, header, final)
+        _sync(data)
         text, line = header.read_bytes(), f"ElementDataFile = {data.name}\n".encode()
         if line not in text:
             raise RuntimeError(f"{header}: SimpleITK did not write its data to {data.name}")
@@ -162,8 +221,9 @@ def write_segmentation(
     Non-ASCII names and tags are written as UTF-8 bytes in the NRRD header, as 3D Slicer writes them (its
     strings are UTF-8 and its NRRD writer, teem, copies the bytes) and reads them back (ITK's NRRD reader,
     as SimpleITK's). pynrrd, which slicerio uses, writes ASCII only, so they go through it as ASCII stand-ins
-    (see `_restore_utf8`). Note that pynrrd 1.1 reads headers as ASCII and drops the other bytes, so
-    ``slicerio.read_segmentation`` returns such names without their non-ASCII characters.
+    (see `_restore_utf8`). pynrrd 1.1 also reads headers as ASCII and drops the other bytes, so
+    ``slicerio.read_segmentation`` returns such names without their non-ASCII characters:
+    `clisc.readers.read_segmentation` returns them exactly.
     """
     import slicerio
 

@@ -9,7 +9,7 @@ Each row replaces some stages by ground truth (an "oracle") and runs the rest wi
     box, so slice selection is perfect; a normal BUSI image scores 1 trivially). Measured on each image view
     a later row gives SAM: "zeroshot" (`clisc.zeroshot.percentile_window_uint8` of the volume, as
     `ZeroShotSegmenter` feeds SAM), "clisc" (the cohort's pre-processing: body crop, clip, z-score, per-slice
-    min-max to uint8, then `pseudo_labels.equalised_rgb`, as `sam_pseudo_label` feeds SAM) and, for CT,
+    min-max truncated to uint8, then `pseudo_labels.sam_image`, as `sam_pseudo_label` feeds SAM) and, for CT,
     "ct-window" (soft-tissue window, level 40 HU, width 400 HU, 3 equal channels).
 (b) Zero-shot pipeline from the coarse mask on. Oracles: the saliency map, made from the ground truth with
     the perturbations below, and slice selection (a volume's slices without target get a flat map, so only
@@ -33,10 +33,14 @@ Each row replaces some stages by ground truth (an "oracle") and runs the rest wi
     labels only, replaced by ground-truth ones (1 where the pre-processed slice holds tumour, else 0) written
     as RUN/slice_labels/CASE.json before the run starts: the run skips every case whose output exists (the
     documented resume behaviour), so CLIP is never called. Handicaps that are not oracles: CLIP is a random
-    ViT-B-32 (unused) and the ResNet-50 classifier starts from random weights (no pretrained CLIP or ImageNet
-    ResNet exists here); training is short (see --classifier-epochs, --unet-epochs, --patch-size). Shows that
-    the whole pipeline runs with a real SAM and what its pseudo-labels and U-Net give under these handicaps;
-    cannot show the paper's accuracy.
+    ViT-B-32 (unused); the slice classifier is --classifier from --classifier-weights (default: ResNet-50 from
+    random weights, as no ImageNet ResNet-50 exists here; "--classifier efficientnet-lite0 --classifier-weights
+    imagenet": EfficientNet-Lite0 from the ImageNet weights that ship with CLISC); training is short (see
+    --classifier-epochs, --unet-epochs, --patch-size). --holdout pat0004,... keeps those volumes out of every
+    stage (`clisc train --holdout-split`): only the final U-Net predicts them, scored apart ("held out"). Shows
+    that the whole pipeline runs with a real SAM and what its CAMs, pseudo-labels and U-Net give under these
+    handicaps, with the classifier's slice accuracy (its gate against the ground-truth slice labels); cannot show
+    the paper's accuracy.
 
 Perturbed maps (b, c), per slice, from the ground-truth mask M (seeded by --seed, the dataset, case, slice):
 M shifted by 0.15 D in a random direction (D = equivalent diameter sqrt(4 area / pi) px; 0.1 x the shorter
@@ -58,6 +62,8 @@ random full-size CLIP ViT-B-16: accuracy meaningless, timing real), stage by sta
 
     python scripts/bench_accuracy.py [--rows a,b,c,speed] [--datasets brats,busi,ct] [--patches] [--json OUT]
     python scripts/bench_accuracy.py --rows d [--classifier-epochs 2 --unet-epochs 200 --patch-size 96] [--json OUT]
+    python scripts/bench_accuracy.py --rows d --classifier efficientnet-lite0 --classifier-weights imagenet \
+        --holdout pat0004 [...]
 """
 from __future__ import annotations
 
@@ -83,7 +89,7 @@ import torch
 from scipy import ndimage
 
 from clisc.cohort import pseudo_labels
-from clisc.cohort.cases import body_mask, preprocess, to_uint8_slices, uncrop
+from clisc.cohort.cases import body_mask, minmax_slices, preprocess, to_uint8_slices, uncrop
 from clisc.cohort.classifier import postprocess_cams
 from clisc.cohort.options import CohortOptions
 from clisc.metrics import EMPTY_CASE_RULE, NSD_TOLERANCE_MM, evaluate
@@ -227,10 +233,11 @@ def zeroshot_view(case: Case) -> View:
 
 def cohort_view(case: Case) -> View:
     """Slices as the cohort run gives them to `sam_pseudo_label`: `preprocess` (body crop, clip, z-score),
-    `to_uint8_slices`, `equalised_rgb`; axial (K) slices of the cropped grid."""
+    `minmax_slices`, `sam_image` (truncated to uint8, equalised); axial (K) slices of the cropped grid."""
     image, crop = preprocess(case.volume)
     slices = to_uint8_slices(image)
-    return View("clisc", np.stack([pseudo_labels.equalised_rgb(s) for s in slices]), case.truth[crop],
+    sam_images = np.stack([pseudo_labels.sam_image(s) for s in minmax_slices(image, np.float64)])
+    return View("clisc", sam_images, case.truth[crop],
                 lambda mask: uncrop(mask, crop, case.truth.shape), body_mask(case.volume.array)[crop], slices)
 
 
@@ -643,10 +650,12 @@ def row_d(args: argparse.Namespace, folder: Path) -> dict:
         sys.exit(f"{run} holds a run already: give another --run-dir")
     cases = brats_cases()
     paths = [DATA / "brats2015" / case.name / "flair.nii.gz" for case in cases]
-    cohort, labels = folder / "cohort.csv", folder / "labels.csv"
+    cohort, labels, split = folder / "cohort.csv", folder / "labels.csv", folder / "holdout.txt"
     cohort.write_text("image\n" + "".join(f"{path}\n" for path in paths))
     labels.write_text("case_id,label\n" + "".join(f"{c.name}_flair,{DATA / 'brats2015' / c.name / 'label.nii.gz'}\n"
                                                   for c in cases))
+    held_out = [name for name in args.holdout.split(",") if name]
+    split.write_text("".join(f"{name}_flair\n" for name in held_out))
     (run / "slice_labels").mkdir(parents=True)
     slice_counts = {}
     for case in cases:  # the only oracle: per pre-processed (cropped) axial slice, 1 where it holds tumour
@@ -656,12 +665,13 @@ def row_d(args: argparse.Namespace, folder: Path) -> dict:
         slice_counts[case.name] = [sum(labels_k), len(labels_k)]
     clip = save_random_clip(folder / "clip_vit_b32_random", "ViT-B-32")
     command = [sys.executable, "-m", "clisc", "train", str(cohort), "--prompt", "brain tumor", "--out", str(run),
-               "--sam", "litemedsam", "--clip", str(clip), "--classifier-weights", "none",
+               "--sam", "litemedsam", "--clip", str(clip), "--classifier", args.classifier,
+               "--classifier-weights", args.classifier_weights,
                "--classifier-epochs", str(args.classifier_epochs),
                "--classifier-image-size", str(args.classifier_image_size),
                "--unet-epochs", str(args.unet_epochs), "--patch-size", str(args.patch_size),
                "--s3f-rounds", str(args.s3f_rounds), "--sam-precision", args.precision, "--device", "cpu",
-               "--seed", str(args.seed), "--labels", str(labels)]
+               "--seed", str(args.seed), "--labels", str(labels)] + (["--holdout-split", str(split)] if held_out else [])
     print("  " + shlex.join(command), flush=True)
     started = time.perf_counter()
     with open(folder / "train.log", "w") as log:
@@ -670,13 +680,17 @@ def row_d(args: argparse.Namespace, folder: Path) -> dict:
     if completed.returncode:
         sys.exit(f"clisc train failed ({completed.returncode}); see {folder / 'train.log'} and {run / 'run.log'}")
     results = {"command": command, "run_dir": str(run), "total_s": total, "gt_slice_labels": slice_counts,
-               "stage_s": stage_seconds(run / "run.log"), "scores": {}}
+               "held_out": held_out, "stage_s": stage_seconds(run / "run.log"), "scores": {}}
     for case in cases:
         case_id = f"{case.name}_flair"
         _, crop = preprocess(case.volume)
         shape = case.truth.shape
         if not (run / "predictions" / f"{case_id}.nii.gz").is_file():
             results["scores"][case.name] = {"skipped": (run / "skipped" / f"{case_id}.json").read_text()}
+            continue
+        if case.name in held_out:  # in no stage but the final U-Net's prediction
+            results["scores"][case.name] = {
+                "U-Net (final)": score(read_volume(run / "predictions" / f"{case_id}.nii.gz").array > 0, case)}
             continue
         cams = np.load(run / "cams_amda" / f"{case_id}.npz")
         masks = {"CAM mask (after AMDA)": uncrop(cams["mask"], crop, shape),
@@ -698,26 +712,33 @@ def stage_seconds(log: Path) -> Dict[str, float]:
     return {step: (stamp - before).total_seconds() for (before, _), (stamp, step) in zip(stamps, stamps[1:])}
 
 
-def print_row_d(results: dict) -> None:
+def print_row_d(results: dict, classifier: str) -> None:
     scored = {case: scores for case, scores in results["scores"].items() if "skipped" not in scores}
+    held_out = results["held_out"]
     print(f"\nd: whole CLISC cohort run, BraTS ({len(scored)} of {len(results['scores'])} volumes scored), GT slice "
-          f"labels; {results['total_s'] / 60:.1f} min")
+          f"labels, classifier {classifier}; held out: {', '.join(held_out) or 'none'}; "
+          f"{results['total_s'] / 60:.1f} min")
     print("  stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in results["stage_s"].items()))
     for case, scores in results["scores"].items():
         if case not in scored:
             print(f"  {case} skipped by the run: {scores['skipped']}")
-    if not scored:
-        return
-    names = [name for name in next(iter(scored.values())) if name != "classifier slice accuracy"]
-    print(f"  {'output':<24} {'Dice mean':>9} {'median':>7} {'HD95 mm mean':>12} {'median':>7} {'NSD':>6}")
-    for name in names:
-        scores = [case[name] for case in scored.values()]
-        dice, hd95 = [s["dice"] for s in scores], [s["hd95_mm"] for s in scores]
-        print(f"  {name:<24} {np.mean(dice):>9.3f} {np.median(dice):>7.3f} {np.mean(hd95):>12.1f} "
-              f"{np.median(hd95):>7.1f} {np.mean([s['nsd'] for s in scores]):>6.3f}")
+    for cohort, members in (("training cohort", [c for c in scored if c not in held_out]),
+                            ("held out", [c for c in scored if c in held_out])):
+        if not members:
+            continue
+        print(f"  {cohort}: {'output':<24} {'Dice mean':>9} {'median':>7} {'HD95 mm mean':>12} {'median':>7} {'NSD':>6}")
+        for name in scored[members[0]]:
+            scores = [scored[case][name] for case in members]
+            if name == "classifier slice accuracy":
+                print(f"  {cohort}: {name:<24} {np.mean(scores):>9.3f}")
+                continue
+            dice, hd95 = [s["dice"] for s in scores], [s["hd95_mm"] for s in scores]
+            print(f"  {cohort}: {name:<24} {np.mean(dice):>9.3f} {np.median(dice):>7.3f} {np.mean(hd95):>12.1f} "
+                  f"{np.median(hd95):>7.1f} {np.mean([s['nsd'] for s in scores]):>6.3f}")
     for case, scores in scored.items():
-        print(f"  {case}: " + ", ".join(f"{n} Dice {scores[n]['dice']:.3f} HD95 {scores[n]['hd95_mm']:.1f}" for n in names)
-              + f", classifier slice accuracy {scores['classifier slice accuracy']:.2f}")
+        print(f"  {case}{' (held out)' if case in held_out else ''}: " + ", ".join(
+            f"{n} Dice {s['dice']:.3f} HD95 {s['hd95_mm']:.1f}" if isinstance(s, dict) else f"{n} {s:.2f}"
+            for n, s in scores.items()))
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
@@ -740,6 +761,11 @@ def main() -> None:
     parser.add_argument("--patch-size", type=int, default=96, help="row d")
     parser.add_argument("--s3f-rounds", type=int, default=1, help="row d")
     parser.add_argument("--run-dir", help="row d: the run folder (default: a temporary one)")
+    parser.add_argument("--classifier", default="resnet50", help="row d: --classifier of clisc train")
+    parser.add_argument("--classifier-weights", default="none",
+                        help="row d: --classifier-weights of clisc train (none: random; imagenet: the backbone's)")
+    parser.add_argument("--holdout", default="", metavar="pat0004,...",
+                        help="row d: BraTS cases kept out of every stage (--holdout-split) and scored apart")
     args = parser.parse_args()
     rows, datasets = args.rows.split(","), args.datasets.split(",")
     if not set(rows) <= set(ROWS) or not set(datasets) <= set(DATASETS):
@@ -780,7 +806,7 @@ def main() -> None:
         if "d" in rows:
             print("\nrow d:")
             figures["d"] = row_d(args, folder)
-            print_row_d(figures["d"])
+            print_row_d(figures["d"], f"{args.classifier} from {args.classifier_weights}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=1, default=float))
         print(f"\nwrote {args.json}")

@@ -15,12 +15,14 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import InputError
 from ..readers import read_volume
 from ..volume import Volume
 from ..writers import atomic_path, write_bytes
-from .cases import Case, body_mask, preprocess, to_uint8_slices
+from .cases import Case, body_mask, preprocess, to_truncated_uint8_slices, to_uint8_slices
 
 CASE_FILE = "case.json"
+MIN_SLICES = 3  # on fewer axial slices the CAM's 3×3×3 opening erases every voxel: nothing can be learnt
 
 
 @dataclass
@@ -52,15 +54,24 @@ class StoredCase:
         """(K', J', I') uint8: each axial slice of the image min-max scaled, as the 2D models see it."""
         return to_uint8_slices(np.asarray(self.image))
 
+    def classifier_slices(self) -> np.ndarray:
+        """(K', J', I') uint8: each axial slice min-max scaled and truncated, as the slice classifier sees it."""
+        return to_truncated_uint8_slices(np.asarray(self.image))
+
     def reference(self) -> Volume:
         """A volume on the input's grid, for writers."""
         return Volume(np.zeros(self.shape, np.uint8), self.ijk_to_ras, str(self.case.path))
 
 
 def store_case(case: Case, folder: Path) -> StoredCase:
-    """Read and pre-process ``case`` into ``folder`` (created); InputError as `read_volume`/`preprocess` raise."""
+    """Read and pre-process ``case`` into ``folder`` (created); InputError as `read_volume`/`preprocess` raise,
+    and for a body on fewer than `MIN_SLICES` axial slices."""
     volume = read_volume(case.path)
     image, crop = preprocess(volume)
+    if len(image) < MIN_SLICES:
+        raise InputError(f"{case.path}: its body lies on {len(image)} axial slice(s); the cohort's 3D steps (the "
+                         f"CAM's 3×3×3 opening, the 3D U-Net) need at least {MIN_SLICES}. A single image is "
+                         "segmented with `clisc segment`.")
     folder.mkdir(parents=True, exist_ok=True)
     for name, array in (("image", image), ("body", body_mask(volume.array)[crop])):
         with atomic_path(folder / f"{name}.npy") as temporary:

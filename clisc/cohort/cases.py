@@ -180,3 +180,9 @@ def to_uint8(scaled: np.ndarray) -> np.ndarray:
 def to_uint8_slices(array: np.ndarray) -> np.ndarray:
     """Per-slice min-max scaling of ``array`` (K, J, I) to uint8 (K, J, I); a flat slice becomes 0."""
     return to_uint8(minmax_slices(array))
+
+
+def to_truncated_uint8_slices(array: np.ndarray) -> np.ndarray:
+    """As `to_uint8_slices`, but truncated (``floor(255 x)``) rather than rounded: the slice images the reference
+    classifier trains on (``(s - min) / (max - min) * 255`` then ``.astype(np.uint8)``, CLISC step0_get_clip_label.py)."""
+    return (minmax_slices(array) * 255).astype(np.uint8)

@@ -1,8 +1,9 @@
 """The slice classifier and its class activation maps (METHOD.md §B step 3).
 
-A ResNet-50 with the paper's head (2048→256→ReLU→Dropout 0.5→2) learns CLIP's slice labels; LayerCAM on
-``layer3`` for the "abnormal" class shows where it looks. Slices enter as uint8 (N, H, W): scaled to [0, 1],
-resized to ``image_size`` × ``image_size`` (bilinear, whole slice, no crop, so a CAM resized back lands on
+An ImageNet CNN (the paper's ResNet-50, or EfficientNet-Lite0: `clisc.models.classifier_builders`) with the
+paper's head (features→256→ReLU→Dropout 0.5→2) learns CLIP's slice labels; LayerCAM on the backbone's CAM layer
+(ResNet-50: ``layer3``) for the "abnormal" class shows where it looks. Slices enter as uint8 (N, H, W): scaled to
+[0, 1], resized to ``image_size`` × ``image_size`` (bilinear, whole slice, no crop, so a CAM resized back lands on
 the same pixels), repeated to 3 channels, normalised with the ImageNet mean and standard deviation.
 """
 from __future__ import annotations
@@ -18,41 +19,44 @@ from torch import nn
 
 from ..components import keep_components
 from ..errors import InputError
+from ..models.classifier_builders import CAM_LAYER, FEATURE_WIDTH, HEAD, backbone_state_dict, build_backbone
 from ..models.loaders import load_checkpoint
 from ..progress import CancelToken, ProgressCallback, no_progress
-from ..torchvision_compat import import_torchvision
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 FULL_3D = np.ones((3, 3, 3), dtype=bool)
 
 
-def build_classifier(pretrained_path: str | Path | None = None, seed: int = 0) -> nn.Module:
-    """ResNet-50 with a 2-class head: logits (B, 2) of images (B, 3, S, S).
+def build_classifier(pretrained_path: str | Path | None = None, seed: int = 0,
+                     architecture: str = "resnet50") -> nn.Module:
+    """An ImageNet CNN with a 2-class head: logits (B, 2) of images (B, 3, S, S).
 
     Args:
-        pretrained_path: a state dict (read with ``weights_only=True``): a torchvision ResNet-50's (ImageNet
-            weights) for the backbone, the head new; or a slice classifier's, head included (a run's
+        pretrained_path: a state dict (read with ``weights_only=True``): the backbone's ImageNet weights (its
+            catalogue file), the head new; or a slice classifier's, head included (a run's
             classifier/classifier.pt: training continues from it). None for random weights.
         seed: seeds the random initialisation (of what the state dict does not give), without touching the
             global random state.
+        architecture: one of `CLASSIFIER_ARCHITECTURES`. The model's ``cam_layer`` names the module LayerCAM reads.
     """
-    tv = import_torchvision()
+    head_name = HEAD[architecture]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = tv.models.resnet50(weights=None)
-        head = nn.Sequential(nn.Linear(2048, 256), nn.ReLU(), nn.Dropout(0.5), nn.Linear(256, 2))
+        model = build_backbone(architecture)
+        head = nn.Sequential(nn.Linear(FEATURE_WIDTH[architecture], 256), nn.ReLU(), nn.Dropout(0.5),
+                             nn.Linear(256, 2))
         state = load_checkpoint(Path(pretrained_path)) if pretrained_path is not None else None
-        with_head = state is not None and "fc.0.weight" in state
-        if with_head:
-            model.fc = head
+        if state is not None and f"{head_name}.0.weight" in state:
+            setattr(model, head_name, head)
         if state is not None:
             try:
-                model.load_state_dict(state)
+                model.load_state_dict(backbone_state_dict(architecture, state))
             except RuntimeError as error:
-                raise InputError(f"{pretrained_path}: neither a torchvision ResNet-50 state dict nor a CLISC slice "
-                                 f"classifier ({str(error).splitlines()[0][:200]})") from None
-        model.fc = head
+                raise InputError(f"{pretrained_path}: neither ImageNet {architecture} weights nor a CLISC slice "
+                                 f"classifier of that backbone ({str(error).splitlines()[0][:200]})") from None
+        setattr(model, head_name, head)
+    model.cam_layer = CAM_LAYER[architecture]
     return model
 
 
@@ -127,9 +131,9 @@ def classify(model: nn.Module, images_uint8: np.ndarray, batch_size: int = 16,
 
 def layer_cam(model: nn.Module, images_uint8: np.ndarray, target_class: int = 1, batch_size: int = 16,
               device: str | torch.device = "cpu", image_size: int = 224) -> np.ndarray:
-    """LayerCAM (Jiang et al. 2021) on ``model.layer3`` for ``target_class``.
+    """LayerCAM (Jiang et al. 2021) on the module ``model.cam_layer`` names, for ``target_class``.
 
-    With activations A (B, C, h, w) of layer3 and gradients G of the class score with respect to them,
+    With activations A (B, C, h, w) of that layer and gradients G of the class score with respect to them,
     CAM = ReLU(sum_c ReLU(G) * A), resized bilinearly to the slice size, then min-max scaled per slice
     (a flat map gives 0).
 
@@ -143,12 +147,13 @@ def layer_cam(model: nn.Module, images_uint8: np.ndarray, target_class: int = 1,
     images = torch.as_tensor(np.ascontiguousarray(images_uint8))
     height, width = images.shape[1:]
     captured = {}
-    hook = model.layer3.register_forward_hook(lambda module, inputs, output: captured.update(activation=output))
+    layer = model.get_submodule(model.cam_layer)
+    hook = layer.register_forward_hook(lambda module, inputs, output: captured.update(activation=output))
     cams = []
     try:
         for start in range(0, len(images), batch_size):
             with torch.enable_grad():
-                # the input requires grad so that layer3 gets one even where the layers before it are frozen
+                # the input requires grad so that the layer gets one even where the layers before it are frozen
                 inputs = to_input(images[start:start + batch_size].to(device), image_size).requires_grad_()
                 scores = model(inputs)[:, target_class]
                 activation = captured["activation"]

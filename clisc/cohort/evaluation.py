@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -84,6 +85,40 @@ def _score(folder: RunFolder, case_id: str, shape: Optional[tuple], label_file: 
         return f"label shape {truth.array.shape} differs from the image's"
     prediction = read_volume(folder.prediction(case_id)).array > 0
     return evaluate(prediction, truth.array > 0, truth.spacing[::-1])
+
+
+def empty_pseudo_labels(folder: RunFolder, case_ids: list[str]) -> dict[str, str]:
+    """{case_id: why its pseudo-label is empty} of the cases whose pseudo-label has no voxel, each warned about."""
+    empty = {}
+    for case_id in case_ids:
+        if read_volume(folder.pseudo_label(case_id)).array.any():
+            continue
+        cams = np.load(folder.cams(case_id, amda=True))
+        positive, prompted = int(cams["positive"].sum()), int(cams["mask"].any(axis=(1, 2)).sum())
+        empty[case_id] = ("the classifier called no slice abnormal" if not positive else
+                          f"the CAM mask is empty on the {positive} slice(s) the classifier called abnormal"
+                          if not prompted else f"SAM's masks were empty on all {prompted} slice(s) it was prompted on")
+        logger.warning("case %s: its pseudo-label is empty (%s)", case_id, empty[case_id])
+    return empty
+
+
+def nothing_to_learn(folder: RunFolder, empty: dict[str, str]) -> str:
+    """Why a run whose every pseudo-label is empty (``empty``, as `empty_pseudo_labels` gives) stops, in words."""
+    labels = [json.loads(folder.slice_labels(case_id).read_text()) for case_id in empty]
+    abnormal, total = sum(case.count(1) for case in labels), sum(len(case) for case in labels)
+    return (f"every pseudo-label is empty ({len(empty)} case(s)), so the U-Net has nothing to learn from and was "
+            f"not trained. CLIP labelled {abnormal} of {total} slices abnormal; per case: "
+            + "; ".join(f"{case}: {why}" for case, why in empty.items()) + ".")
+
+
+def what_to_try(options, run_dir: Path) -> str:
+    """The options (`CohortOptions`) that can give a run something to learn, by their flags."""
+    return (f"Try, in a new --out folder: a lower --clip-threshold (now {options.clip_threshold}) or other "
+            "--normal-prompt/--abnormal-prompt texts (CLIP decides which slices the classifier learns as abnormal), "
+            f"more --classifier-epochs (now {options.classifier_epochs}), --cam-threshold "
+            f"{'kmeans' if options.cam_threshold == 'otsu' else 'otsu'}, or an ImageNet classifier (--classifier "
+            f"efficientnet-lite0 needs no download; this run: {options.classifier} from "
+            f"{options.classifier_weights or 'random weights'}). Every stage's output is in {run_dir}.")
 
 
 def means(section: dict) -> dict:

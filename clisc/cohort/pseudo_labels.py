@@ -10,7 +10,7 @@ import numpy as np
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..prompts import SamPrompt
 from ..protocols import SliceSam
-from .cases import minmax_slices, to_uint8
+from .cases import minmax_slices
 
 BRIGHT_FRACTION = 0.6
 
@@ -20,8 +20,8 @@ def sam_pseudo_label(segmenter: SliceSam, slices: np.ndarray, cam_masks: np.ndar
                      cancel: CancelToken | None = None) -> np.ndarray:
     """SAM's mask on every slice with a non-empty CAM mask; the other slices stay empty.
 
-    Each such slice, min-max scaled to uint8 and histogram-equalised (`equalised_rgb`), goes to SAM in three
-    channels with the prompt of `slice_prompt`; SAM's single-mask output is kept whole.
+    Each such slice, min-max scaled to [0, 255], truncated to uint8 and histogram-equalised (`sam_image`), goes
+    to SAM with the prompt of `slice_prompt`; SAM's single-mask output is kept whole.
 
     Args:
         slices: (K, H, W) the slices of one volume (the pre-processed image, `cases.preprocess`), any dtype;
@@ -41,12 +41,18 @@ def sam_pseudo_label(segmenter: SliceSam, slices: np.ndarray, cam_masks: np.ndar
             cancel.raise_if_cancelled()
         chunk = todo[done:done + segmenter.batch_size]
         intensity = minmax_slices(slices[chunk], np.float64)  # float64: the point cut is sharp
-        embeddings = segmenter.embed(np.stack([equalised_rgb(to_uint8(plane)) for plane in intensity]))
+        embeddings = segmenter.embed(np.stack([sam_image(plane) for plane in intensity]))
         for k, plane, embedding in zip(chunk, intensity, embeddings):
             labels[k] = segmenter.predict(embedding, plane.shape, slice_prompt(plane, cam_masks[k], box_dilation))
         done += len(chunk)
         progress("pseudo-labels", done, len(todo), "")
     return labels
+
+
+def sam_image(intensity: np.ndarray) -> np.ndarray:
+    """What SAM sees of a slice (H, W) min-max scaled to [0, 1]: (H, W, 3) uint8, the slice times 255 truncated
+    to uint8 (the reference's ``.astype(np.uint8)``, not rounded), then `equalised_rgb`."""
+    return equalised_rgb((intensity * 255).astype(np.uint8))
 
 
 def equalised_rgb(slice_uint8: np.ndarray) -> np.ndarray:

@@ -14,28 +14,27 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import __version__, deviations
-from ..errors import Cancelled, InputError
+from ..errors import Cancelled, InputError, WriteError
 from ..precision import DTYPES
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..protocols import SliceClassifier
 from ..readers import read_volume
 from ..result import resolve_device
-from ..writers import write_labelmap
+from ..writers import reporting_write_errors, write_labelmap
 from . import distributed
-from .case_store import SliceFile, StoredCase, TrainingPairs, is_stored, open_case, store_case
+from .case_store import StoredCase, TrainingPairs, is_stored, open_case, store_case
 from .cases import Case, list_cohort, read_case_list, uncrop
-from .evaluation import label_paths, means, plot_losses, run_metrics
-from .options import RESUMABLE_CHANGES, CohortOptions
+from .evaluation import (empty_pseudo_labels, label_paths, means, nothing_to_learn, plot_losses, run_metrics,
+                         what_to_try)
+from .options import RESUMABLE_CHANGES, CohortOptions, classifier_choice
 from .run_folder import RunFolder
 
 logger = logging.getLogger("clisc")
@@ -71,12 +70,14 @@ class CohortRun:
         clip, sam: already loaded models (a `ClipModel`, a `Sam`), else loaded from ``options`` when needed.
         classifier: builds the untrained slice classifier (a `clisc.protocols.SliceClassifier`); default: the
             paper's ResNet-50 with ``options.classifier_weights``.
+        download: download the catalogue models not installed yet (`clisc.models.first_use`); never under
+            torchrun, where every process would.
     """
 
     def __init__(self, cohort: str | Path, prompt: str, out_dir: str | Path, options: CohortOptions,
                  progress: ProgressCallback = no_progress, cancel: Optional[CancelToken] = None,
                  events: Optional[Callable[[dict], None]] = None, resume: bool = False, clip=None, sam=None,
-                 classifier: Optional[Callable[[], SliceClassifier]] = None) -> None:
+                 classifier: Optional[Callable[[], SliceClassifier]] = None, download: bool = True) -> None:
         options.check()
         self.cohort, self.prompt, self.options = str(cohort), prompt.strip(), options
         if not self.prompt:
@@ -86,8 +87,11 @@ class CohortRun:
         self.cancel = cancel
         self.device = distributed.init_from_env(resolve_device(options.device))
         self._clip, self._sam, self._build_classifier = clip, sam, classifier
+        self.download = download
         self._clip_scorer = self._segmenter = self._classifier = None
         self._classifier_amda: Optional[bool] = None
+        self.empty_pseudo_labels: dict[str, str] = {}  # case_id: why its pseudo-label is empty
+        self.stopped: Optional[str] = None  # why the run stopped before training the U-Net
         self.cases = list_cohort(cohort)
         self.held_out = held_out_cases(options.holdout_split, self.cases) if options.holdout_split else []
         self.training_cases = [case for case in self.cases if case not in self.held_out]
@@ -99,6 +103,12 @@ class CohortRun:
         from .slice_labels import default_prompts
 
         normal, abnormal = default_prompts(self.prompt)
+        if resume and self.folder.is_run() and self.options.classifier == "auto":  # the backbone it started with
+            self.options = replace(self.options, classifier=self.folder.config()["options"].get("classifier",
+                                                                                                 "resnet50"))
+        self.classifier_auto = self.options.classifier == "auto"
+        backbone, weights = classifier_choice(self.options)
+        self.options = replace(self.options, classifier=backbone, classifier_weights=weights)
         config = {"cohort": self.cohort, "prompt": self.prompt, "options": asdict(self.options),
                   "normal_prompt": self.options.normal_prompt or normal,
                   "abnormal_prompt": self.options.abnormal_prompt or abnormal,
@@ -107,6 +117,10 @@ class CohortRun:
                   "deviations": [f"{name}: {text}" for name, text in deviations.COHORT.items()],
                   "world_size": distributed.world_size(),
                   "clisc_version": __version__}
+        if backbone in deviations.CLASSIFIER_BACKBONE:
+            config["deviations"].append(deviations.CLASSIFIER_BACKBONE[backbone])
+        if weights is None:
+            config["deviations"].append(deviations.RANDOM_CLASSIFIER)
         if self.folder.is_run() and not resume:
             raise InputError(f"{self.folder.path} holds a run already; pass --resume to continue it, or choose "
                              "another --out folder")
@@ -130,15 +144,16 @@ class CohortRun:
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
 
     def _check_models(self) -> None:
-        """Fail before any work when a model is missing."""
-        from ..models.loaders import resolve
+        """Before any work: check the models to load, and download the missing ones or name them all."""
+        from ..models.first_use import prepare_models
 
-        if self._clip is None:
-            resolve(self.options.clip, "clip")
-        if self._sam is None:
-            resolve(self.options.sam, "sam")
+        models = [(self.options.clip, "clip")] if self._clip is None else []
+        models += [(self.options.sam, "sam")] if self._sam is None else []
         if self.options.classifier_weights and self._build_classifier is None:
-            resolve(self.options.classifier_weights, "classifier")
+            models.append((self.options.classifier_weights, "classifier"))
+        no_download = ("downloads are off (--no-download)" if not self.download else
+                       "under torchrun every process would download it" if distributed.world_size() > 1 else None)
+        prepare_models(models, no_download, lambda stage, done, total, *_, **__: self.report(stage, done, total))
 
     def _mark_done(self, step: str) -> None:
         distributed.barrier()
@@ -167,6 +182,11 @@ class CohortRun:
             logger.info("cohort %s: %d case(s), %d held out; prompt %r; device %s; rank %d of %d", self.cohort,
                         len(self.cases), len(self.held_out), self.prompt, self.device, distributed.rank(),
                         distributed.world_size())
+            logger.info("slice classifier: %s from %s%s", self.options.classifier,
+                        self.options.classifier_weights or "random weights",
+                        " (--classifier auto: the ResNet-50 ImageNet weights are not installed; `clisc models "
+                        "download resnet50_imagenet` gets the paper's backbone)"
+                        if self.classifier_auto and self.options.classifier != "resnet50" else "")
             loaded = self._load(self.training_cases, "load")
             if not loaded:
                 raise InputError(f"{self.cohort}: no case could be loaded; see {self.folder.path / 'skipped'}")
@@ -177,11 +197,20 @@ class CohortRun:
             self._train_classifier("classifier_amda", training, amda=True)
             training = self._per_case("cams_amda", training, lambda case_id: self.folder.cams(case_id, amda=True),
                                       lambda item: self._cams(item, amda=True))
-            training = self._per_case("pseudo_labels", training, self.folder.pseudo_label, self._pseudo_label)
+            training = self._per_case("pseudo_labels", training, self.folder.pseudo_label, self._pseudo_label,
+                                      slices=lambda item: int(self._cam_mask(item).any(axis=(1, 2)).sum()))
             if not training:
                 raise InputError(f"no case of the cohort could be processed; see {self.folder.path / 'skipped'}")
+            self.empty_pseudo_labels = empty_pseudo_labels(self.folder, [item.case_id for item in training])
             if self.options.stop_after == "pseudo_labels":
                 return self._summary(loaded, [], None)
+            if len(self.empty_pseudo_labels) == len(training):  # record why in the reports, then stop
+                self.stopped = nothing_to_learn(self.folder, self.empty_pseudo_labels)
+                self._summary(loaded, [], None)
+                if self.options.labels and distributed.is_main():
+                    self.folder.write_json(self.folder.file("metrics.json"), {
+                        "stopped": self.stopped, "empty_pseudo_labels": self.empty_pseudo_labels})
+                raise InputError(f"{self.stopped}\n{what_to_try(self.options, self.folder.path)}")
             self._train_unet(0, training, lambda item: read_volume(
                 self.folder.pseudo_label(item.case_id)).array[item.crop] > 0)
             for round_ in range(1, self.options.s3f_rounds + 1):
@@ -212,6 +241,8 @@ class CohortRun:
             if not is_stored(folder) and case.case_id not in skipped:
                 try:
                     store_case(case, folder)
+                except WriteError:  # a full disk: not the case's fault, and the next case would fail too
+                    raise
                 except Exception as error:  # noqa: BLE001 - any unreadable case is reported and skipped
                     self._skip(case, "load", error)
             self.report(stage, n + 1, len(mine), case=case.case_id)
@@ -220,21 +251,33 @@ class CohortRun:
                 if is_stored(self.folder.preprocessed(case.case_id))]
 
     def _per_case(self, step: str, items: list[StoredCase], output: Callable[[str], Path],
-                  work: Callable[[StoredCase], None]) -> list[StoredCase]:
+                  work: Callable[[StoredCase], None], slices: Optional[Callable[[StoredCase], int]] = None,
+                  ) -> list[StoredCase]:
         """Run ``work`` (which writes ``output(case_id)``) on this rank's share of the cases that have no output
-        yet; a case whose work fails is skipped. Returns the cases not skipped."""
+        yet; a case whose work fails is skipped. Returns the cases not skipped.
+
+        Progress counts cases, or with ``slices`` (the number of slices ``work`` processes in a case) slices:
+        ``work(item, progress)`` then reports its slices through ``progress(stage, done, total)``."""
         if not self.folder.is_done(step):
-            mine = distributed.shard(items)
-            for n, item in enumerate(mine):
+            todo = [item for item in distributed.shard(items) if not output(item.case_id).is_file()]
+            sizes = [slices(item) if slices else 1 for item in todo]
+            total, done = sum(sizes), 0
+            if todo:  # the bar starts with the stage's first case, not after it
+                self.report(step, 0, total, case=todo[0].case_id)
+            for item, size in zip(todo, sizes):
                 self._check_cancel()
-                if not output(item.case_id).is_file():
-                    try:
-                        work(item)
-                    except Cancelled:
-                        raise
-                    except Exception as error:  # noqa: BLE001 - one failing case must not stop the cohort
-                        self._skip(item.case, step, error)
-                self.report(step, n + 1, len(mine), case=item.case_id)
+
+                def inside(_stage: str, in_case: int, _total: int, message: str = "", **fields) -> None:
+                    self.report(step, done + in_case, total, case=item.case_id)
+
+                try:
+                    work(item, inside) if slices else work(item)
+                except (Cancelled, WriteError):
+                    raise
+                except Exception as error:  # noqa: BLE001 - one failing case must not stop the cohort
+                    self._skip(item.case, step, error)
+                done += size
+                self.report(step, done, total, case=item.case_id)
             self._mark_done(step)
         skipped = self.folder.skipped()
         return [item for item in items if item.case_id not in skipped]
@@ -261,6 +304,7 @@ class CohortRun:
     # Classifier (steps 3 and 4): rank 0 trains, the others wait.
     def _train_classifier(self, step: str, items: list[StoredCase], amda: bool) -> None:
         from .classifier import train_classifier
+        from .classifier_data import classifier_training_set
         from .unet import save_checkpoint
 
         if self.folder.is_done(step):
@@ -269,10 +313,12 @@ class CohortRun:
             scratch = self.folder.classifier_slices(amda)
             try:
                 if not any((self._slice_label_of(item) >= 0).any() for item in items):
-                    raise InputError(f"CLIP labelled no slice with confidence >= {self.options.clip_threshold}; "
-                                     "try other --normal-prompt/--abnormal-prompt, or a lower CLIP threshold")
-                images, labels = classifier_training_set(self.folder, items, amda, scratch,
-                                                         self.options.classifier_image_size, self.options.seed)
+                    raise InputError(f"CLIP labelled no slice with confidence >= {self.options.clip_threshold} "
+                                     "(--clip-threshold); try other --normal-prompt/--abnormal-prompt, or a lower "
+                                     "--clip-threshold")
+                with reporting_write_errors(scratch):
+                    images, labels = classifier_training_set(self.folder, items, amda, scratch,
+                                                             self.options.classifier_image_size, self.options.seed)
                 logger.info("%s: %d slices (%d abnormal)", step, len(labels), int(labels.sum()))
                 model = self._new_classifier()
                 losses = train_classifier(model, images, labels, self.options.classifier_epochs,
@@ -291,7 +337,8 @@ class CohortRun:
         if self._build_classifier is not None:
             return self._build_classifier()
         weights = self.options.classifier_weights
-        return build_classifier(resolve(weights, "classifier") if weights else None, seed=self.options.seed)
+        return build_classifier(resolve(weights, "classifier") if weights else None, seed=self.options.seed,
+                                architecture=self.options.classifier)
 
     def _trained_classifier(self, amda: bool) -> torch.nn.Module:
         from ..models.loaders import load_checkpoint
@@ -306,7 +353,8 @@ class CohortRun:
         """LayerCAM on the slices the classifier calls abnormal, and their label-free binarisation."""
         from .classifier import classify, layer_cam, postprocess_cams
 
-        model, size, slices = self._trained_classifier(amda), self.options.classifier_image_size, item.slices()
+        model, size = self._trained_classifier(amda), self.options.classifier_image_size
+        slices = item.classifier_slices()
         positive = classify(model, slices, device=self.device, image_size=size) > 0.5
         cam = np.zeros(slices.shape, np.float32)
         if positive.any():
@@ -325,12 +373,17 @@ class CohortRun:
             self._segmenter = SliceSegmenter(sam, DTYPES[self.options.sam_precision], self.options.sam_batch_size)
         return self._segmenter
 
-    def _pseudo_label(self, item: StoredCase) -> None:
-        """SAM prompted from the enhanced CAM mask, kept inside the body (as the released code does)."""
+    def _cam_mask(self, item: StoredCase) -> np.ndarray:
+        """The enhanced (AMDA) CAM mask (K', J', I') bool that prompts SAM."""
+        return np.load(self.folder.cams(item.case_id, amda=True))["mask"]
+
+    def _pseudo_label(self, item: StoredCase, progress: ProgressCallback) -> None:
+        """SAM prompted from the enhanced CAM mask, kept inside the body (a listed deviation, as for S3F); progress
+        per slice SAM segments."""
         from .pseudo_labels import sam_pseudo_label
 
-        mask = np.load(self.folder.cams(item.case_id, amda=True))["mask"]
-        label = sam_pseudo_label(self._segmenter_(), np.asarray(item.image), mask, cancel=self.cancel) & item.body
+        label = sam_pseudo_label(self._segmenter_(), np.asarray(item.image), self._cam_mask(item), progress=progress,
+                                 cancel=self.cancel) & item.body
         write_labelmap(self.folder.pseudo_label(item.case_id), uncrop(label, item.crop, item.shape), item.reference())
 
     # U-Net (step 6) and S3F self-training (step 7)
@@ -431,6 +484,7 @@ class CohortRun:
         """metrics.json: the final U-Net's scores on the training cohort and, apart, on the held-out cases."""
         metrics = run_metrics(self.folder, self.options.labels, self.options.holdout_split, self.training_cases,
                               self.held_out, {item.case_id: item.shape for item in loaded})
+        metrics["empty_pseudo_labels"] = self.empty_pseudo_labels
         if distributed.is_main():
             self.folder.write_json(self.folder.file("metrics.json"), metrics)
         return metrics
@@ -438,7 +492,10 @@ class CohortRun:
     def _summary(self, loaded: list[StoredCase], held_out: list[StoredCase], metrics: Optional[dict]) -> dict:
         model = self.folder.final_model
         summary = {"run_dir": str(self.folder.path), "cases": len(self.cases), "loaded": len(loaded),
-                   "skipped": self.folder.skipped(), "model": str(model) if model.is_file() else None}
+                   "skipped": self.folder.skipped(), "model": str(model) if model.is_file() else None,
+                   "empty_pseudo_labels": self.empty_pseudo_labels}
+        if self.stopped:
+            summary["stopped"] = self.stopped
         if metrics is not None:
             summary["training_cohort"] = means(metrics["training_cohort"])
         if self.held_out:
@@ -456,72 +513,12 @@ class CohortRun:
 def _changed_settings(saved: dict, config: dict) -> list[str]:
     """What differs between a run's saved config.json and the config of its resumption, in words."""
     changed = [key for key in ("cohort", "prompt", "normal_prompt", "abnormal_prompt") if saved[key] != config[key]]
+    saved_options = {"classifier": "resnet50", **saved["options"]}  # runs from before the choice were ResNet-50
     changed += [f"--{key.replace('_', '-')}" for key, value in config["options"].items()
-                if key not in RESUMABLE_CHANGES and saved["options"].get(key) != value]
+                if key not in RESUMABLE_CHANGES and saved_options.get(key) != value]
     if saved.get("held_out_cases", []) != config["held_out_cases"]:
         changed.append("the cases --holdout-split lists")
     return changed
-
-
-def classifier_training_set(folder: RunFolder, items: list[StoredCase], amda: bool, scratch: Path, size: int,
-                            seed: int) -> tuple[SliceFile, np.ndarray]:
-    """The slice classifier's training set, written case by case to the file ``scratch``, so that the cohort's
-    slices never have to fit in memory: every slice CLIP labelled (``folder.slice_labels``), resized to
-    ``size`` × ``size`` (`_resized`), and with ``amda`` their AMDA copies after them: exactly
-    `amda.amda_masked_copies` of all the slices (from the first classifier's CAMs, ``folder.cams``) with a
-    generator seeded by ``seed``, computed one case at a time.
-
-    Returns:
-        The (N, size, size) uint8 slices (2N with ``amda``) and their (N,) int labels.
-    """
-    from .amda import hide_discriminative, hide_rectangle, is_adaptive, mean_area
-
-    all_labels = [np.array(json.loads(folder.slice_labels(item.case_id).read_text())) for item in items]
-    kept = [labels >= 0 for labels in all_labels]
-    labels = np.concatenate([case_labels[keep] for case_labels, keep in zip(all_labels, kept)])
-    count = len(labels)
-    if len(set(labels.tolist())) < 2:
-        logger.warning("CLIP gave every confident slice the label %d: the classifier sees one class", labels[0])
-    hidden, random_rows, row = [], [], 0
-    copies_file = scratch.with_name(scratch.name + ".copies")
-    with open(scratch, "wb") as originals, open(copies_file, "wb") as copies:
-        for item, case_labels, keep in zip(items, all_labels, kept):
-            images = _resized(item.slices()[keep], size).round().astype(np.uint8)
-            originals.write(images.tobytes())
-            if amda:
-                saved = np.load(folder.cams(item.case_id, amda=False))
-                cams = _resized(saved["cam"][keep], size)
-                masks = _resized(saved["mask"][keep], size, "nearest") > 0.5
-                for n, label in enumerate(case_labels[keep]):
-                    if is_adaptive(label, masks[n]):
-                        hidden.append(hide_discriminative(images[n], cams[n], masks[n]))
-                    else:
-                        random_rows.append(count + row + n)
-                copies.write(images.tobytes())
-            row += len(images)
-    with open(scratch, "ab") as originals, open(copies_file, "rb") as copies:
-        shutil.copyfileobj(copies, originals)  # the copies after every original, in the same order
-    copies_file.unlink()
-    if not amda:
-        return SliceFile(scratch, count, size), labels
-    area, rng, pixels = mean_area(hidden), np.random.default_rng(seed), size * size
-    with open(scratch, "r+b") as file:
-        for row in random_rows:
-            file.seek(row * pixels)
-            image = np.frombuffer(file.read(pixels), np.uint8).reshape(size, size).copy()
-            hide_rectangle(image, area, rng)
-            file.seek(row * pixels)
-            file.write(image.tobytes())
-    return SliceFile(scratch, 2 * count, size), np.concatenate([labels, labels])
-
-
-def _resized(slices: np.ndarray, size: int, mode: str = "bilinear") -> np.ndarray:
-    """(N, size, size) float32 of slices (N, H, W), resized as the classifier resizes its input (whole slice,
-    no crop), so that slices of volumes of different sizes train together."""
-    tensor = torch.as_tensor(np.ascontiguousarray(slices)).float()[:, None]
-    if mode == "nearest":
-        return F.interpolate(tensor, size=(size, size), mode="nearest")[:, 0].numpy()
-    return F.interpolate(tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[:, 0].numpy()
 
 
 def held_out_cases(holdout_split: str | Path, cases: list[Case]) -> list[Case]:
@@ -546,7 +543,7 @@ def held_out_cases(holdout_split: str | Path, cases: list[Case]) -> list[Case]:
 def run_cohort(cohort: str | Path, prompt: str, out_dir: str | Path, options: Optional[CohortOptions] = None,
                progress: ProgressCallback = no_progress, cancel: Optional[CancelToken] = None,
                events: Optional[Callable[[dict], None]] = None, resume: bool = False, clip=None, sam=None,
-               classifier: Optional[Callable[[], SliceClassifier]] = None) -> dict:
+               classifier: Optional[Callable[[], SliceClassifier]] = None, download: bool = True) -> dict:
     """Pseudo-label a cohort and self-train a 3D U-Net (CLISC), in ``out_dir``; see `CohortRun`.
 
     Returns:
@@ -556,4 +553,4 @@ def run_cohort(cohort: str | Path, prompt: str, out_dir: str | Path, options: Op
         and on the held-out cases ("held_out"); `evaluation.summary_lines` puts it in words.
     """
     return CohortRun(cohort, prompt, out_dir, options or CohortOptions(), progress, cancel, events, resume,
-                     clip, sam, classifier).run()
+                     clip, sam, classifier, download).run()

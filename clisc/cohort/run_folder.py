@@ -81,6 +81,10 @@ class RunFolder:
                              "train` to the end first (with --resume to finish an interrupted run)")
         return self.config()
 
+    def held_out_cases(self) -> list[str]:
+        """The case ids the run kept out of every stage (its --holdout-split)."""
+        return list(self.config().get("held_out_cases", []))
+
     def cases(self) -> dict[str, Path]:
         """{case id: input file or DICOM folder} of the run's cohort, as the engine lists it."""
         from .cases import list_cohort

@@ -45,7 +45,8 @@ def self_consistency(prediction: np.ndarray, slices: np.ndarray, segmenter: Slic
     Args:
         prediction: (K, H, W) bool, the U-Net's prediction on the pre-processed volume.
         slices: (K, H, W) the same volume's slices (the pre-processed image) for `sam_pseudo_label`.
-        body: (K, H, W) bool, the body voxels: Ŝ is restricted to them, as the released code does.
+        body: (K, H, W) bool, the body voxels: Ŝ is restricted to them (a listed deviation: the released code's
+            ``img != 0``, on an image it has z-scored, restricts nothing)
 
     Returns:
         S (K, H, W) bool, the largest 3D connected component of ``prediction``, and the similarity in [0, 1];

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback, no_progress
 from ..protocols import SegmentationNetwork
-from ..writers import atomic_path
+from ..writers import atomic_path, write_failed
 from . import distributed
 
 LEARNING_RATE = 0.01
@@ -108,9 +108,13 @@ class PatchStream(Dataset):
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """``torch.save`` atomically: a kill never leaves half a file under ``path``."""
+    """``torch.save`` atomically: a kill never leaves half a file under ``path``, a failed write (a full disk)
+    raises `WriteError` and leaves none either."""
     with atomic_path(path) as temporary:
-        torch.save(state, temporary)
+        try:
+            torch.save(state, temporary)
+        except RuntimeError as error:  # its zip writer reports a short write so: "unexpected pos 576 vs 534"
+            raise write_failed(path, str(error).strip().splitlines()[-1]) from error
 
 
 def train_unet(cases: Sequence[tuple[np.ndarray, np.ndarray]], epochs: int, patch_size: int = 128,

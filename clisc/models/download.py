@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 from typing import Optional, Tuple
 
-from ..errors import Cancelled, InputError
+from ..errors import Cancelled, InputError, WriteError
 from ..progress import CancelToken, ProgressCallback, no_progress
 
 CHUNK_BYTES = 64 * 1024
@@ -61,6 +61,7 @@ def download(
     Raises:
         DownloadError: network failure (``.part`` kept), HTTP error, or a web page instead of the file (deleted).
         ChecksumError: wrong size or hash (``.part`` deleted).
+        WriteError: the ``.part`` could not be written, as on a full disk (kept for a resume).
         Cancelled: ``cancel`` was set.
     """
     destination = Path(destination)
@@ -79,14 +80,14 @@ def download(
             total = done + int(length) if length else (size or 0)
             progress(stage, done, total, "")
             reported = done
-            with open(part, "ab" if done else "wb") as out:
+            with open(part, "ab" if done else "wb", buffering=0) as out:  # unbuffered: no write left to close()
                 while True:
                     if cancel is not None and cancel.cancelled:
                         raise Cancelled(f"download of {url} cancelled; {part} is kept and the next download resumes it")
                     chunk = response.read(CHUNK_BYTES)
                     if not chunk:
                         break
-                    out.write(chunk)
+                    _append(out, chunk, part)
                     for digest in digests:
                         digest.update(chunk)
                     done += len(chunk)
@@ -127,6 +128,21 @@ def download(
         )
     os.replace(part, destination)
     return actual
+
+
+def _append(out, chunk: bytes, part: Path) -> None:
+    """Write all of ``chunk`` to the unbuffered file ``out``; `WriteError` (the disk may be full) on failure, which
+    the network errors' handler does not catch: the download itself was not at fault."""
+    view = memoryview(chunk)
+    try:
+        while view:
+            view = view[out.write(view):]
+    except OSError as error:
+        raise WriteError(
+            f"{part}: could not be written ({error.strerror or error}); the disk may be full, or a quota or "
+            f"file-size limit reached. What was downloaded so far stays in {part.name}: free some space and run "
+            "the same command again to resume (or delete that file)."
+        ) from error
 
 
 def digest_problem(actual: Tuple[int, str, str], size: Optional[int] = None, sha256: Optional[str] = None,

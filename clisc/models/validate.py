@@ -9,26 +9,32 @@ architecture, built on the meta device (no memory is allocated for it):
 
 - SAM (vit_b, vit_l, vit_h, litemedsam; MedSAM is a vit_b): the state dict loads strictly into the `Sam` that
   `sam_builders.build_sam` makes;
-- CLIP folder: ``open_clip_config.json`` parses, and the weights load strictly (as open_clip loads them) into the
-  model open_clip builds from that config;
-- classifier: the state dict loads strictly into torchvision's model of that name (``resnet50``).
+- CLIP folder: ``open_clip_config.json`` parses and describes the entry's model (`clip_config_differences`:
+  every setting that changes what is computed, such as the activation, widths, layers, patch and image size,
+  context length, vocabulary, embedding size and the pixel normalisation), and the weights load strictly (as
+  open_clip loads them) into the model open_clip builds from that config;
+- classifier: the state dict loads strictly into the ImageNet model `classifier_builders.build_backbone` makes
+  (``resnet50``, ``efficientnet-lite0``).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import re
 import warnings
 import zipfile
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import torch
 
 from ..errors import InputError
 from ..torchvision_compat import import_torchvision
 from .catalogue import ModelEntry
+from .classifier_builders import backbone_state_dict, build_backbone
 from .download import html_page
 from .sam_builders import build_sam
 
@@ -43,17 +49,18 @@ _REFUSED = ("It is refused for safety: loading it could run code stored in the f
             "(plain tensors) with torch.save.")
 
 
-def load_checkpoint(path: Path) -> dict:
+def load_checkpoint(path: Path, mmap: bool = False) -> dict:
     """A state dict from a checkpoint file, read with ``weights_only=True`` (tensors only, no code).
 
     A ``model`` or ``state_dict`` entry holding the tensors (training checkpoints) is unwrapped. InputError naming
-    the file, saying what it is and what to do, for anything else."""
+    the file, saying what it is and what to do, for anything else. ``mmap``: map the tensors from the file
+    instead of reading them (a check of a large file that costs no memory; torch's zip format only)."""
     path = Path(path)
     page = html_page(path)
     if page is not None:
         raise InputError(f"{path} is an HTML page, not a checkpoint ({page[0]}?). {page[1]}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as error:  # arbitrary bytes make torch raise almost anything (KeyError for a text file)
         raise InputError(f"{path}: {_not_a_checkpoint(path, error)}") from None
     for key in ("model", "state_dict"):
@@ -121,12 +128,24 @@ def check_weights(entry: ModelEntry, path: Path) -> None:
     """InputError naming the file unless ``path`` holds exactly the tensors of ``entry``'s architecture.
 
     ``path`` is what the loaders take: the checkpoint file of a one-file entry, the folder of a CLIP one."""
-    check = {"sam": _check_sam, "clip": _check_clip_folder, "classifier": _check_classifier}[entry.family]
-    check(Path(path), entry.architecture)
+    if entry.family == "clip":
+        check_clip_folder(Path(path), entry)
+    else:
+        {"sam": _check_sam, "classifier": _check_classifier}[entry.family](Path(path), entry.architecture)
+
+
+def check_sam_file(path: Path) -> None:
+    """InputError naming the file unless it is a SAM checkpoint whose tensors fit the architecture they show
+    (vit_b/l/h or LiteMedSAM). The tensors are mapped from the file, not read: a check before any model loads."""
+    try:
+        architecture = sam_architecture(load_checkpoint(path, mmap=True))
+    except InputError as error:
+        raise InputError(f"{path}: {error}" if str(path) not in str(error) else str(error)) from None
+    _check_sam(Path(path), architecture)
 
 
 def _check_sam(path: Path, architecture: str) -> None:
-    state_dict = load_checkpoint(path)
+    state_dict = load_checkpoint(path, mmap=True)
     # Built without memory on the meta device; TinyViT's constructor reads tensor values, but it is small.
     with _quietly(), torch.device("cpu" if architecture == "litemedsam" else "meta"):
         model = build_sam(architecture)
@@ -142,8 +161,10 @@ def _check_sam(path: Path, architecture: str) -> None:
                      "own file, or import this one under the catalogue name of its architecture.")
 
 
-def _check_clip_folder(folder: Path, architecture: str) -> None:
-    """``architecture`` is the catalogue's description; the folder's own config says what to build."""
+def check_clip_folder(folder: Path, entry: Optional[ModelEntry] = None) -> None:
+    """InputError naming the file unless ``folder`` holds an open_clip model whose weights load strictly into the
+    model its ``open_clip_config.json`` describes, and, for a catalogue ``entry``, unless that config describes
+    the entry's model. Nothing is allocated: the model is built on the meta device."""
     import_torchvision()
     import open_clip
 
@@ -154,8 +175,15 @@ def _check_clip_folder(folder: Path, architecture: str) -> None:
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise InputError(f"{config_file}: not a readable open_clip config ({type(error).__name__}: {error}). "
                          "Fetch it again.") from None
+    if entry is not None:
+        differences = clip_config_differences(config, expected_clip_config(entry))
+        if differences:
+            raise InputError(
+                f"{config_file}: describes another CLIP than '{entry.name}' ({entry.architecture}): "
+                f"{'; '.join(differences)}. With these settings its weights would compute other features. Use "
+                f"the folder of '{entry.name}' itself; to use this CLIP, give its folder to --clip instead.")
     weights = folder / CLIP_WEIGHTS
-    load_checkpoint(weights)  # says what the file is when it is no checkpoint at all
+    load_checkpoint(weights, mmap=True)  # says what the file is when it is no checkpoint at all
     with _quietly(), torch.device("meta"):
         try:
             model = open_clip.create_model(f"local-dir:{folder}", load_weights=False, device="meta",
@@ -169,16 +197,64 @@ def _check_clip_folder(folder: Path, architecture: str) -> None:
                          "Fetch both files again, from the same source.")
 
 
-def _check_classifier(path: Path, architecture: str) -> None:
-    import_torchvision()
-    import torchvision.models
+def expected_clip_config(entry: ModelEntry) -> dict:
+    """The open_clip config a catalogue CLIP's folder must describe: the entry's own, else open_clip's built-in
+    model config named by its architecture (with open_clip's default pixel mean and std, OpenAI's)."""
+    if entry.open_clip_config is not None:
+        return entry.open_clip_config
+    import open_clip
 
-    state_dict = load_checkpoint(path)
+    model_cfg = open_clip.get_model_config(entry.architecture)
+    if model_cfg is None:
+        raise ValueError(f"catalogue entry '{entry.name}': open_clip has no model config {entry.architecture!r}")
+    return {"model_cfg": model_cfg}
+
+
+def clip_config_differences(found: dict, expected: dict) -> List[str]:
+    """Each setting in which two open_clip configs make models that compute different features, as "key: X
+    here, Y expected"; [] when none does. A setting left out counts as open_clip's default. Ignored: where a
+    Hugging Face text tower's weights and tokenizer come from (`clip_folder_overrides` points them at the
+    folder; its config.json and the strict tensor check settle that tower)."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    from open_clip.transform import PreprocessCfg
+
+    def settings(config: dict) -> dict:
+        model_cfg = dict(config["model_cfg"])
+        try:
+            vision = asdict(CLIPVisionCfg(**model_cfg.pop("vision_cfg")))
+            text = asdict(CLIPTextCfg(**model_cfg.pop("text_cfg")))
+        except TypeError as error:  # a key open_clip does not know
+            raise InputError(f"open_clip cannot read this config ({error})") from None
+        defaults = {name: p.default for name, p in inspect.signature(CLIP.__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        flat = {key: model_cfg.get(key, defaults.get(key)) for key in {*model_cfg, *defaults}}
+        flat.update({f"vision_cfg.{key}": value for key, value in vision.items()})
+        flat.update({f"text_cfg.{key}": value for key, value in text.items() if key not in _TEXT_TOWER_SOURCE})
+        preprocess = {**asdict(PreprocessCfg()), **config.get("preprocess_cfg", {})}
+        flat.update({f"preprocess_cfg.{key}": [round(float(v), 6) for v in preprocess[key]] for key in ("mean", "std")})
+        return flat
+
+    have, want = settings(found), settings(expected)
+    return [f"{key}: {_setting(have.get(key), key)} here, {_setting(want.get(key), key)} expected"
+            for key in sorted({*have, *want}) if have.get(key) != want.get(key)]
+
+
+_TEXT_TOWER_SOURCE = ("hf_model_name", "hf_tokenizer_name", "hf_model_pretrained")
+
+
+def _setting(value, key: str) -> str:
+    if key == "quick_gelu":
+        return f"{json.dumps(value)} ({'QuickGELU' if value else 'GELU'})"
+    return json.dumps(value)
+
+
+def _check_classifier(path: Path, architecture: str) -> None:
+    state_dict = backbone_state_dict(architecture, load_checkpoint(path))
     with _quietly(), torch.device("meta"):
-        model = getattr(torchvision.models, architecture)()
+        model = build_backbone(architecture)
         problem = _strict_load_problem(lambda: model.load_state_dict(state_dict))
     if problem is not None:
-        raise InputError(f"{path}: not a torchvision {architecture} checkpoint: {problem}. Use the catalogue's file.")
+        raise InputError(f"{path}: not an ImageNet {architecture} checkpoint: {problem}. Use the catalogue's file.")
 
 
 def _strict_load_problem(load: Callable[[], object]) -> Optional[str]:

@@ -14,6 +14,8 @@ import torch
 from ..errors import InputError
 from .gradcam import gradcam_saliency
 from .gscorecam import gscorecam_saliency
+from .kept_tokens import KeptTokens
+from .m2ib import LAYER as M2IB_LAYER
 from .m2ib import m2ib_saliency
 
 METHODS = {
@@ -42,22 +44,27 @@ class ClipSaliency:
         model: the open_clip model, on the device the images will be on.
         options: the method's keyword settings (e.g. M2IB's ``steps``), β excepted: it comes with each call.
         autocast_dtype: dtype for the forward passes under autocast, or None for full precision.
+        kept_tokens: M2IB's pre-bottleneck tokens kept by the relevance pass (`ClipScorer.kept_tokens`); M2IB
+            asks for its layer there and takes an image's tokens from it when present.
     """
 
     def __init__(self, method: str, model: torch.nn.Module, options: Optional[Mapping[str, float]] = None,
-                 autocast_dtype: Optional[torch.dtype] = None) -> None:
+                 autocast_dtype: Optional[torch.dtype] = None, kept_tokens: Optional[KeptTokens] = None) -> None:
         self.method = method
         self.model = model
         self.options = dict(options or {})
         self.autocast_dtype = autocast_dtype
+        self.kept_tokens = kept_tokens if method == "m2ib" else None
+        if self.kept_tokens is not None:
+            self.kept_tokens.layer = int(self.options.get("layer", M2IB_LAYER))
 
     def __call__(self, images: torch.Tensor, text_embeddings: torch.Tensor, beta: float) -> torch.Tensor:
         """Maps (B, S, S) float32 in [0, 1] on the CPU of images (B, 3, S, S) for text embeddings (1, E) or
         (B, E); ``beta`` reaches M2IB only."""
-        options = dict(self.options, beta=beta) if self.method == "m2ib" else self.options
+        options = dict(self.options, beta=beta, kept_tokens=self.kept_tokens) if self.method == "m2ib" else self.options
         return compute_saliency(self.method, self.model, images, text_embeddings,
                                 autocast_dtype=self.autocast_dtype, **options)
 
 
-__all__ = ["METHODS", "ClipSaliency", "compute_saliency", "gradcam_saliency", "gscorecam_saliency",
+__all__ = ["METHODS", "ClipSaliency", "KeptTokens", "compute_saliency", "gradcam_saliency", "gscorecam_saliency",
            "m2ib_saliency"]

@@ -3,10 +3,15 @@
 Activations: the last block's MLP-norm output, as for :mod:`~clisc.saliency.gradcam` (see there for the
 channel gradient). The ``top_k`` channels with the largest mean gradient are kept; each one's map,
 upsampled (bilinear, corners aligned as in the authors' code) and min-max normalised, masks the input
-image, and the masked image is scored against the text. The softmax of those scores (as CLIP logits, ``logit_scale.exp() * cosine``, as in the authors' code)
-weights the channels: CAM = ReLU(sum of weight * activation map). The authors' code puts the softmax over
-all channels with score 0 for the channels not kept; here it runs over the kept channels only (a documented
-deviation: with small logits the unkept channels' exp(0) terms dominate the reference's weights).
+image, and the masked image is scored against the text. The softmax of those scores (as CLIP logits,
+``logit_scale.exp() * cosine``, as in the authors' code) weights the channels: CAM = ReLU(sum of weight *
+activation map). The authors' code puts the softmax over all channels with score 0 for the channels not
+kept; here it runs over the kept channels only (a documented deviation: with small logits the unkept
+channels' exp(0) terms dominate the reference's weights).
+
+Cost: one forward and backward pass, then ``top_k`` forward passes of masked images (300 by default), run
+``batch_size`` at a time across all the images' channels. That is about six times M2IB's work on a ViT-B/16
+(scripts/bench_saliency.py): gScoreCAM is not the quick alternative to M2IB; GradCAM is.
 """
 from __future__ import annotations
 
@@ -46,10 +51,10 @@ def gscorecam_saliency(
         images: (B, 3, H, W), normalised with the model's mean and std.
         text_embeddings: (B, E) one per image, or (1, E) shared; L2-normalised text features.
         top_k: channels kept for re-scoring (at most the tower width); each costs one forward pass.
-        batch_size: masked images per forward pass.
+        batch_size: masked images per forward pass, taken from all the images' kept channels in turn.
         autocast_dtype: run the model under ``torch.autocast`` to this dtype; None for full precision.
-        progress: called with ("saliency", images done, B, "gScoreCAM") after each image.
-        cancel: checked before each image.
+        progress: called with ("saliency", masked passes done, B · top_k, "gScoreCAM") after each batch.
+        cancel: checked before each batch.
 
     Returns:
         (B, H, W) float32 on the CPU, each map min-max normalised to [0, 1] (all zeros if constant).
@@ -57,29 +62,30 @@ def gscorecam_saliency(
     if top_k < 1 or batch_size < 1:
         raise InputError(f"gScoreCAM needs top_k >= 1 and batch_size >= 1; got {top_k} and {batch_size}")
     text = check_inputs(images, text_embeddings)
-    cams = []
     with prepared(model):
         activations, gradients = last_block_activations(model, images, text, autocast_dtype)
-        channel_maps = patch_grid(activations)
-        kept = gradients.mean(dim=1).topk(min(top_k, channel_maps.shape[1]), dim=1).indices
-        logit_scale = model.logit_scale.detach().exp().float()
-        for i, image in enumerate(images):
+        channel_maps = patch_grid(activations)  # (B, D, g, g)
+        kept = gradients.mean(dim=1).topk(min(top_k, channel_maps.shape[1]), dim=1).indices  # (B, K)
+        maps = channel_maps[torch.arange(len(images), device=kept.device)[:, None], kept]  # (B, K, g, g)
+        owner = torch.arange(len(images), device=images.device).repeat_interleave(kept.shape[1])  # image of each pass
+        flat_maps, scores = maps.flatten(0, 1), []
+        for start in range(0, len(flat_maps), batch_size):
             if cancel is not None:
                 cancel.raise_if_cancelled()
-            maps = channel_maps[i, kept[i]]
-            scores = torch.cat([
-                _masked_scores(model, image, text[i:i + 1], maps[start:start + batch_size], autocast_dtype)
-                for start in range(0, len(maps), batch_size)
-            ])
-            weights = torch.softmax(logit_scale * scores, dim=0)
-            cams.append(torch.relu(torch.einsum("k,khw->hw", weights, maps)))
-            progress("saliency", i + 1, len(images), "gScoreCAM")
-    return to_saliency(torch.stack(cams), images.shape[-2:])
+            batch = slice(start, start + batch_size)
+            scores.append(_masked_scores(model, images[owner[batch]], text[owner[batch]], flat_maps[batch],
+                                         autocast_dtype))
+            progress("saliency", min(start + batch_size, len(flat_maps)), len(flat_maps), "gScoreCAM")
+        logit_scale = model.logit_scale.detach().exp().float()
+        weights = torch.softmax(logit_scale * torch.cat(scores).view(kept.shape), dim=1)  # over each image's K
+        cams = torch.relu(torch.einsum("bk,bkhw->bhw", weights, maps))
+    return to_saliency(cams, images.shape[-2:])
 
 
-def _masked_scores(model, image, text, maps, autocast_dtype) -> torch.Tensor:
-    """Cosine with the text (N,) of the image (3, H, W) masked by each normalised, upsampled map (N, g, g)."""
-    masks = minmax(upsample(maps, image.shape[-2:], align_corners=True))
-    with torch.no_grad(), autocast(image.device, autocast_dtype):
-        features = model.visual(image[None] * masks[:, None].to(image.dtype))
+def _masked_scores(model, images, text, maps, autocast_dtype) -> torch.Tensor:
+    """Cosine (N,) with its text (N, E) of each image (N, 3, H, W) masked by its map (N, g, g), normalised and
+    upsampled with the corners aligned."""
+    masks = minmax(upsample(maps, images.shape[-2:], align_corners=True))
+    with torch.no_grad(), autocast(images.device, autocast_dtype):
+        features = model.visual(images * masks[:, None].to(images.dtype))
     return cosine_to_text(features, text)

@@ -7,7 +7,9 @@ A bottleneck after block ``layer`` replaces its output tokens z (T, D) by z' = Î
 (YingWANGG/M2IB, also used by MedCLIP-SAMv2) z is not standardised before the KL.
 
 Speed: the blocks up to ``layer`` do not depend on Î±, so their output is computed once per image without
-gradients and reused; each step runs only the blocks after the bottleneck, and computes no weight gradients.
+gradients and reused (or taken from the relevance pass, `KeptTokens`); each step runs only the blocks after the
+bottleneck, the last of them for the class token alone (`features_from_tokens`), and computes no weight
+gradients.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from ..errors import InputError
 from ..precision import autocast, prepared
 from ..progress import CancelToken, ProgressCallback, no_progress
+from .kept_tokens import KeptTokens
 from .vision_tower import (
     check_inputs,
     cosine_to_text,
@@ -30,6 +33,7 @@ from .vision_tower import (
 )
 
 INITIAL_ALPHA = 5.0
+LAYER = 9  # MedCLIP-SAMv2's bottleneck: after block 9 of 12
 
 
 def m2ib_saliency(
@@ -37,7 +41,7 @@ def m2ib_saliency(
     images: torch.Tensor,
     text_embeddings: torch.Tensor,
     *,
-    layer: int = 9,
+    layer: int = LAYER,
     beta: float = 1.0,
     steps: int = 10,
     samples: int = 10,
@@ -46,6 +50,7 @@ def m2ib_saliency(
     autocast_dtype: Optional[torch.dtype] = None,
     progress: ProgressCallback = no_progress,
     cancel: Optional[CancelToken] = None,
+    kept_tokens: Optional[KeptTokens] = None,
 ) -> torch.Tensor:
     """M2IB saliency of each image for its text.
 
@@ -64,6 +69,8 @@ def m2ib_saliency(
         autocast_dtype: run the model under ``torch.autocast`` to this dtype; the bottleneck stays float32.
         progress: called with ("saliency", images done, B, "M2IB") after each image.
         cancel: checked before each image.
+        kept_tokens: the tokens after block ``layer`` that the relevance pass kept; an image found there does
+            not run the blocks up to the bottleneck again.
 
     Returns:
         (B, H, W) float32 on the CPU, each map min-max normalised to [0, 1] (all zeros if constant).
@@ -82,8 +89,11 @@ def m2ib_saliency(
         for i, image in enumerate(images):
             if cancel is not None:
                 cancel.raise_if_cancelled()
-            with torch.no_grad(), autocast(images.device, autocast_dtype):
-                tokens = tokens_after_block(model, image[None], layer)[0].float()
+            tokens = kept_tokens.get(image, layer, autocast_dtype) if kept_tokens is not None else None
+            if tokens is None:
+                with torch.no_grad(), autocast(images.device, autocast_dtype):
+                    tokens = tokens_after_block(model, image[None], layer)[0].float()
+            tokens = tokens.to(images.device)
             alpha = _fit_bottleneck(
                 model, tokens, text[i:i + 1], layer, beta, steps - 1, samples, lr, generator, autocast_dtype
             )

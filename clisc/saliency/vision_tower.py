@@ -68,17 +68,82 @@ def features_from_tokens(model: nn.Module, tokens: torch.Tensor, first_block: in
     """Finish the image tower from the input tokens (B, T, D) of block ``first_block``: image features (B, E).
 
     With ``tokens_after_block(model, images, k)`` as input and ``first_block = k + 1`` this equals
-    ``model.visual(images)``.
+    ``model.visual(images)``. When the tower pools its class token, the last block computes that token alone
+    (`class_token_block`): the features are the same, for about a quarter of the block's work.
     """
     visual = model.visual
+    blocks = list(vision_blocks(model)[first_block:])
+    last = blocks.pop() if blocks and pools_class_token(visual) and _plain_block(blocks[-1]) else None
     x = tokens
-    for block in vision_blocks(model)[first_block:]:
+    for block in blocks:
         x = block(x)
+    if last is not None:
+        x = class_token_block(last, x)
     if hasattr(visual, "trunk"):
         trunk = visual.trunk
         return visual.head(trunk.forward_head(trunk.norm(x)))
     pooled, _ = visual._pool(x)
     return pooled @ visual.proj if visual.proj is not None else pooled
+
+
+def pools_class_token(visual: nn.Module) -> bool:
+    """Whether the image features depend on the last block's class token alone (class-token pooling, no
+    attention pooler)."""
+    if hasattr(visual, "trunk"):
+        trunk = visual.trunk
+        return getattr(trunk, "global_pool", None) == "token" and getattr(trunk, "attn_pool", None) is None
+    return getattr(visual, "pool_type", None) == "tok" and getattr(visual, "attn_pool", None) is None
+
+
+def _plain_block(block: nn.Module) -> bool:
+    """A pre-norm block whose attention `class_token_block` can compute for one query: open_clip's
+    ``ResidualAttentionBlock`` (``nn.MultiheadAttention``) or timm's ``Block`` with its plain ``Attention``."""
+    if hasattr(block, "ln_1"):
+        return isinstance(block.attn, nn.MultiheadAttention) and not hasattr(block, "ln_1_kv")
+    attention = getattr(block, "attn", None)
+    return (type(block).__name__ == "Block" and type(attention).__name__ == "Attention"
+            and all(hasattr(attention, name) for name in ("qkv", "q_norm", "k_norm", "norm", "proj")))
+
+
+def class_token_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)[:, :1]`` for tokens x (B, T, D), computing the class token alone: its query against every
+    token's key and value, then the block's MLP on that one token. Returns (B, 1, D)."""
+    if hasattr(block, "ln_1"):  # open_clip
+        normed = block.ln_1(x)
+        h = x[:, :1] + block.ls_1(block.attn(normed[:, :1], normed, normed, need_weights=False)[0])
+        return h + block.ls_2(block.mlp(block.ln_2(h)))
+    attention = block.attn  # timm
+    batch, count, width = x.shape
+    qkv = attention.qkv(block.norm1(x)).reshape(batch, count, 3, attention.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = attention.q_norm(qkv[0][:, :, :1]), attention.k_norm(qkv[1]), qkv[2]
+    attended = F.scaled_dot_product_attention(q, k, v, scale=attention.scale)  # (B, heads, 1, head_dim)
+    h = attention.proj(attention.norm(attended.transpose(1, 2).reshape(batch, 1, width)))
+    h = x[:, :1] + block.ls1(h)
+    return h + block.ls2(block.mlp(block.norm2(h)))
+
+
+class TowerWithTokens(nn.Module):
+    """``model.visual`` with, from the same forward pass, the tokens after block ``layer``.
+
+    forward: images (B, 3, S, S) → features (B, E), and the tokens (B, T, D) when ``layer`` is not None.
+    """
+
+    def __init__(self, model: nn.Module, layer: int | None) -> None:
+        super().__init__()
+        self.visual, self.layer = model.visual, layer
+        self.training = model.visual.training  # so that a caller restoring this module's mode restores the tower's
+
+    def forward(self, images: torch.Tensor):
+        if self.layer is None:
+            return self.visual(images)
+        captured = []
+        block = vision_blocks(self)[self.layer]
+        handle = block.register_forward_hook(lambda module, inputs, output: captured.append(output))
+        try:
+            features = self.visual(images)
+        finally:
+            handle.remove()
+        return features, captured[0]
 
 
 def cosine_to_text(features: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:

@@ -12,13 +12,12 @@ from ..clip_scoring import NEGATIVE_PROMPTS
 from ..errors import InputError
 from ..profiles import OVERRIDABLE, PROFILES, Profile, choose_profile, with_overrides
 from ..result import resolve_device
-from ..volume import Volume
+from ..runtime import choose_runtime
+from ..volume import Volume, slice_axis  # slice_axis: part of this module's API too
 
 logger = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARACTERS = 300  # CLIP reads at most 77 tokens; longer text is a mistake, not a prompt
-AXIS_NAMES = {"k": 0, "j": 1, "i": 2}
-ANATOMICAL_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}  # the RAS axis each plane is normal to
 MODES = ("every-slice", "seeded")  # a saliency map on every selected slice, or on seeds only (`zeroshot.seeded`)
 
 
@@ -52,6 +51,8 @@ class SegmentOptions:
     mode: str = "every-slice"               # every-slice | seeded (`clisc.zeroshot.seeded`: where the profile allows)
     seed_spacing: int = 20                  # seeded: one seed per this many slices of a gated run (at least one)
     propagation_margin: int = 10            # seeded: slices propagation may go past each end of a gated run
+    runtime: str = "auto"                   # auto | torch | openvino | onnxruntime: CPU runtime of CLIP's image
+                                            # tower and LiteMedSAM's encoder (`clisc.runtime`)
 
 
 PRESETS = {
@@ -98,19 +99,6 @@ def check_prompts(prompts: Sequence[str]) -> List[str]:
     return cleaned
 
 
-def slice_axis(volume: Volume, axis: str) -> int:
-    """Array axis (0=k, 1=j, 2=i) to slice along: an index letter, an anatomical plane, or auto."""
-    if axis == "auto":
-        return volume.acquisition_axis()
-    if axis in AXIS_NAMES:
-        return AXIS_NAMES[axis]
-    if axis in ANATOMICAL_AXES:
-        # the index axis (i, j, k) whose direction is closest to the plane's normal, as an array axis
-        directions = np.abs(volume.ijk_to_ras[:3, :3] / volume.spacing)
-        return 2 - int(np.argmax(directions[ANATOMICAL_AXES[axis]]))
-    raise InputError(f"unknown axis {axis!r}; use auto, axial, coronal, sagittal, k, j or i")
-
-
 def slice_range(spec: str, count: int) -> np.ndarray:
     """Boolean (count,) of the slices a ``--slices`` value names (auto and all name every slice)."""
     if spec in ("auto", "all"):
@@ -131,11 +119,12 @@ def check_options(volume: Volume, options: SegmentOptions) -> int:
     axis."""
     axis = slice_axis(volume, options.axis)
     slice_range(options.slices, volume.array.shape[axis])
-    resolve_device(options.device)
+    choose_runtime(options.runtime, resolve_device(options.device))
     choose_profile("", options.profile)
     if not 0 <= options.relevance_threshold <= 1 or options.relevance_smoothing < 1:
-        raise InputError(f"relevance threshold {options.relevance_threshold} and smoothing "
+        raise InputError(f"--relevance-threshold {options.relevance_threshold} and --relevance-smoothing "
                          f"{options.relevance_smoothing}: use a threshold in [0, 1] and at least 1 slice")
+    _check_contrast(volume, axis, options.slices)
     with_overrides(PROFILES["organ"], **profile_overrides(options))
     if options.mode not in MODES or options.seed_spacing < 1 or options.propagation_margin < 0:
         raise InputError(f"--mode {options.mode}, seed spacing {options.seed_spacing} and propagation margin "
@@ -144,6 +133,20 @@ def check_options(volume: Volume, options: SegmentOptions) -> int:
     if "beta" in options.saliency_options:
         raise InputError("give M2IB's beta as SegmentOptions.beta (--beta), not in saliency_options")
     return axis
+
+
+def _check_contrast(volume: Volume, axis: int, slices: str) -> None:
+    """InputError when no slice in the ``--slices`` range has two different values: nothing to segment."""
+    from .stages import candidate_slices, percentile_window_uint8
+
+    windowed = np.moveaxis(percentile_window_uint8(volume.array), axis, 0)
+    if not candidate_slices(windowed, slices).any():
+        where = "" if slices in ("auto", "all") else f" in --slices {slices}"
+        raise InputError(
+            f"{volume.source or 'the volume'}: no slice{where} has any contrast (shape "
+            f"{' × '.join(map(str, volume.array.shape[::-1]))} voxels, every slice one value), so there is nothing "
+            "to segment. Check that this file is the image itself, not an empty export or a mask"
+            + (", or choose --slices where the image shows anatomy." if where else "."))
 
 
 def profile_overrides(options: SegmentOptions) -> dict:

@@ -59,14 +59,17 @@ class ZeroShotSegmenter:
         self.options = options
         self.device = resolve_device(options.device)
         if scorer is None:
-            scorer = ClipScorer(clip or load_clip(options.clip), self.device, dtype_of(options.clip_precision, "CLIP"))
+            scorer = ClipScorer(clip or load_clip(options.clip), self.device, dtype_of(options.clip_precision, "CLIP"),
+                                options.runtime)
         if slice_sam is None:
             from ..sam import SliceSegmenter  # imports torchvision: only when SAM is built here
 
             sam = (sam or load_sam(options.sam)).to(self.device)
-            slice_sam = SliceSegmenter(sam, dtype_of(options.sam_precision, "SAM"), options.sam_batch_size)
+            slice_sam = SliceSegmenter(sam, dtype_of(options.sam_precision, "SAM"), options.sam_batch_size,
+                                       options.runtime)
         if saliency is None:
-            saliency = ClipSaliency(options.saliency, scorer.model, options.saliency_options, scorer.autocast_dtype)
+            saliency = ClipSaliency(options.saliency, scorer.model, options.saliency_options, scorer.autocast_dtype,
+                                    getattr(scorer, "kept_tokens", None))
         self.scorer, self.sam, self.saliency = scorer, slice_sam, saliency
         self.cache = cache if cache is not None else EmbeddingCache()
 
@@ -84,8 +87,6 @@ class ZeroShotSegmenter:
         view = percentile_window_uint8(volume.array)
         slices = np.moveaxis(view, axis, 0)  # (N, H, W)
         candidates = candidate_slices(slices, options.slices)
-        if not candidates.any():
-            logger.warning("%s: no slice has any contrast; the segments are empty", volume.source or "volume")
         timings: Dict[str, float] = {}
 
         with _timed(timings, "relevance"):
@@ -146,6 +147,7 @@ class ZeroShotSegmenter:
             "slices_embedded": embeddings.computed,
             "sam_box_prompts_only": self.sam.box_prompts_only,  # points given with a box were not sent to SAM
             "seconds": {k: round(v, 3) for k, v in timings.items()},
+            "runtimes": self.runtimes(),
             "device": str(self.device),
         }
         return SegmentResult(volume_masks, prompts, [np.moveaxis(s, 0, axis) for s in saliency], report)
@@ -157,6 +159,13 @@ class ZeroShotSegmenter:
         return {"what": deviations.SLICE_GATE, "positive_templates": list(POSITIVE_TEMPLATES),
                 "negative_prompts": list(self.options.negative_prompts),
                 "threshold": self.options.relevance_threshold, "smoothing_slices": self.options.relevance_smoothing}
+
+    def runtimes(self) -> dict:
+        """What ran CLIP's image tower and SAM's image encoder (`clisc.runtime`), with an export's first-run
+        seconds; absent for a stage that did not run."""
+        ran = {"clip_tower": getattr(self.scorer, "tower_runtime", lambda: None)(),
+               "sam_encoder": getattr(self.sam, "encoder_runtime", lambda: None)()}
+        return {k: v for k, v in ran.items() if v is not None}
 
     def deviations(self, profiles: Sequence[Profile], seeded: bool) -> List[str]:
         """The departures from the papers and reference code that applied to this run."""

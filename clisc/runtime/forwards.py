@@ -1,0 +1,185 @@
+"""A torch module's forward pass run by PyTorch, OpenVINO or ONNX Runtime: `module_forward`.
+
+For the models that run on every slice without gradients (the SAM image encoder, CLIP's image tower). OpenVINO
+and ONNX Runtime are optional packages; "auto" takes the first of `AUTO_ORDER` that is installed, so without
+them the same forward runs in PyTorch. Each forward takes a batch (B, ...) and returns a tuple of float32 CPU
+tensors, one per output of the module. The exported runtimes run one sample at a time: the export has a fixed
+batch of 1 (LiteMedSAM's TinyViT bakes the batch size into its reshapes when traced).
+
+Precision: PyTorch runs under autocast to ``dtype``; OpenVINO runs with ``dtype`` as its inference precision
+(bf16 on a CPU with AVX512-BF16 or AMX, which OpenVINO also picks by itself there); ONNX Runtime's CPU kernels
+are float32 only, so it runs float32 whatever ``dtype`` says.
+
+Before use, an exported model's outputs on a probe input are compared with the module's own float32 outputs in
+PyTorch (one forward of each, once per `module_forward`): past `TOLERANCE` the runtime is not used and the
+forward runs in PyTorch (logged, and said in `describe`).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import logging
+from typing import Callable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import EnvironmentProblem, InputError
+from ..precision import inference
+from .export_cache import entry_folder, export_entry, read_entry
+
+logger = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
+AUTO_ORDER = ("openvino", "torch")  # measured fastest first (README "CPU runtimes")
+PACKAGES = {"openvino": ("openvino",), "onnxruntime": ("onnxruntime", "onnx")}  # what each runtime imports
+# Largest relative L2 error ||y - y_torch|| / ||y_torch|| of a runtime's outputs on the probe, by its precision.
+# bf16 errors on the probe are a few percent, as torch's own bf16 autocast gives (README "CPU runtimes").
+TOLERANCE = {None: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.1}
+
+Outputs = tuple  # of float32 CPU tensors (B, ...), one per output of the module
+
+
+def installed(runtime: str) -> bool:
+    """Whether ``runtime``'s packages can be imported (without importing them)."""
+    return runtime == "torch" or all(importlib.util.find_spec(name) is not None for name in PACKAGES[runtime])
+
+
+def choose_runtime(runtime: str, device: torch.device) -> str:
+    """The runtime that will run: ``runtime`` itself, or for "auto" the first installed of `AUTO_ORDER`; always
+    "torch" off the CPU (the others are used as CPU runtimes here). InputError for an unknown name,
+    EnvironmentProblem for a runtime asked for by name whose package is missing."""
+    if runtime not in RUNTIMES:
+        raise InputError(f"runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    if device.type != "cpu":
+        return "torch"
+    if runtime == "auto":
+        return next(r for r in AUTO_ORDER if installed(r))
+    if not installed(runtime):
+        raise EnvironmentProblem(f"runtime {runtime}: its package is not installed; pip install "
+                                 f"{' '.join(PACKAGES[runtime])} (or use --runtime auto, or torch)")
+    return runtime
+
+
+class TorchForward:
+    """The module in PyTorch, without gradients, under autocast to ``dtype`` (None: float32)."""
+
+    runtime = "torch"
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, dtype: Optional[torch.dtype],
+                 note: str = "") -> None:
+        self.module, self.device, self.dtype, self.note = module, device, dtype, note
+
+    def __call__(self, batch: torch.Tensor) -> Outputs:
+        with inference(self.module, self.device, self.dtype):
+            outputs = self.module(batch.to(self.device))
+        return tuple(o.float() for o in _as_tuple(outputs))
+
+    def describe(self) -> dict:
+        precision = str(self.dtype).replace("torch.", "") if self.dtype else "float32"
+        return {"runtime": "torch", "precision": precision, **({"note": self.note} if self.note else {})}
+
+
+class ExportedForward:
+    """An exported module run one sample at a time by ``run_one`` (float32 array (1, ...) → output arrays)."""
+
+    def __init__(self, runtime: str, run_one: Callable[[np.ndarray], List[np.ndarray]], details: dict) -> None:
+        self.runtime, self.run_one, self.details = runtime, run_one, details
+
+    def __call__(self, batch: torch.Tensor) -> Outputs:
+        per_sample = [self.run_one(sample[None].float().cpu().numpy()) for sample in batch]
+        return tuple(torch.from_numpy(np.concatenate(parts)) for parts in zip(*per_sample))
+
+    def describe(self) -> dict:
+        return {"runtime": self.runtime, **self.details}
+
+
+def module_forward(module: torch.nn.Module, example: torch.Tensor, runtime: str, device: torch.device,
+                   dtype: Optional[torch.dtype], name: str):
+    """The forward of ``module`` (eval mode, float32) in the chosen runtime (`choose_runtime`).
+
+    Args:
+        module: returns a tensor or a tuple of tensors.
+        example: (1, ...) float32 input, the shape every sample will have; also the probe the export is checked
+            with, so give values in the inputs' range.
+        runtime: one of `RUNTIMES`.
+        device: where the module is; off the CPU the forward is always PyTorch's.
+        dtype: precision, as an autocast dtype (None: float32).
+        name: names the cache entry (e.g. "litemedsam-encoder").
+
+    Returns:
+        A `TorchForward` or an `ExportedForward`; its ``describe()`` says what runs (for the report), with the
+        export's seconds (its first-run cost) and the error on the probe.
+    """
+    chosen = choose_runtime(runtime, device)
+    if chosen == "torch":
+        return TorchForward(module, device, dtype)
+    package = PACKAGES[chosen][0]
+    version = importlib.metadata.version(package)
+    folder = entry_folder(name, module, example.shape, chosen, version)
+    record = read_entry(folder)
+    exported_now = record is None
+    try:
+        if exported_now:
+            logger.info("exporting %s for %s %s (once; cached in %s)", name, chosen, version, folder)
+            export = _export_openvino if chosen == "openvino" else _export_onnx
+            with torch.no_grad():
+                record = export_entry(folder, lambda out: export(module, example, out))
+        run_one = (_load_openvino if chosen == "openvino" else _load_onnxruntime)(folder, dtype)
+        outputs = run_one(example.numpy())
+    except Exception as problem:  # noqa: BLE001 - a model the runtime cannot take still runs, in PyTorch
+        logger.warning("%s cannot run %s (%s: %s): running it in PyTorch", chosen, name, type(problem).__name__,
+                       str(problem)[:300])
+        return TorchForward(module, device, dtype, note=f"{chosen} could not run it: {str(problem)[:200]}")
+    with torch.no_grad():
+        expected = _as_tuple(module(example))
+    error = max(_relative_error(got, want.float().numpy()) for got, want in zip(outputs, expected))
+    precision = "float32" if chosen == "onnxruntime" or dtype is None else str(dtype).replace("torch.", "")
+    details = {"version": version, "precision": precision, "exported_now": exported_now,
+               "export_seconds": record["export_seconds"], "probe_relative_error": float(f"{error:.3g}")}
+    if not error <= TOLERANCE[dtype if precision != "float32" else None]:
+        logger.warning("%s in %s differs from PyTorch by %.3g on its probe: running it in PyTorch", name, chosen, error)
+        return TorchForward(module, device, dtype, note=f"{chosen} disagreed with torch on the probe ({error:.3g})")
+    return ExportedForward(chosen, run_one, details)
+
+
+def _as_tuple(outputs) -> Sequence[torch.Tensor]:
+    return tuple(outputs) if isinstance(outputs, (tuple, list)) else (outputs,)
+
+
+def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-12))
+
+
+def _export_openvino(module: torch.nn.Module, example: torch.Tensor, folder) -> None:
+    import openvino as ov
+
+    # float32 weights: save_model's default compresses them to float16
+    ov.save_model(ov.convert_model(module, example_input=example), folder / "model.xml", compress_to_fp16=False)
+
+
+def _export_onnx(module: torch.nn.Module, example: torch.Tensor, folder) -> None:
+    # with gradients enabled, nn.MultiheadAttention takes its plain path, not the fused kernel ONNX has no op for
+    with torch.enable_grad():
+        torch.onnx.export(module, (example,), folder / "model.onnx", dynamo=False, opset_version=17)
+
+
+def _load_openvino(folder, dtype: Optional[torch.dtype]) -> Callable[[np.ndarray], List[np.ndarray]]:
+    import openvino as ov
+
+    precision = {None: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[dtype]
+    compiled = ov.Core().compile_model(folder / "model.xml", "CPU", {
+        "INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_NUM_THREADS": torch.get_num_threads()})
+    request = compiled.create_infer_request()
+    return lambda x: list(request.infer([x]).to_tuple())
+
+
+def _load_onnxruntime(folder, dtype: Optional[torch.dtype]) -> Callable[[np.ndarray], List[np.ndarray]]:
+    import onnxruntime
+
+    settings = onnxruntime.SessionOptions()
+    settings.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(str(folder / "model.onnx"), settings, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda x: session.run(None, {name: x})
