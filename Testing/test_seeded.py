@@ -27,7 +27,7 @@ from clisc.propagation import Propagator, below
 from clisc.sam import SlicePrediction
 from clisc.volume import Volume
 from clisc.zeroshot import ZeroShotSegmenter, preset_options
-from clisc.zeroshot.seeded import choose_seeds, gate_runs, propagation_bounds, spread, uses_seeds
+from clisc.zeroshot.seeded import agreement, anchor_of, choose_seeds, gate_runs, propagation_bounds, uses_seeds
 from conftest import shared_data
 
 
@@ -40,27 +40,35 @@ def test_gate_runs_are_the_runs_of_selected_slices():
     assert gate_runs(np.ones(3, bool)) == [(0, 2)]
 
 
-def test_one_seed_on_a_short_run_is_its_relevance_peak():
-    relevance = np.array([0.1, 0.6, 0.9, 0.7, 0.2, 0.8, 0.95, 0.1])
-    selected = np.array([0, 1, 1, 1, 0, 1, 1, 0], bool)
-    assert choose_seeds(relevance, selected, spacing=20) == [2, 6]
+def test_seeds_cut_each_run_into_equal_parts_and_sit_at_their_middles():
+    selected = np.array([0, 1, 1, 0, 0, 1, 0, 1, 1, 1], bool)
+    assert choose_seeds(selected, spacing=20) == [2, 5, 8]  # one per run: 1 + 2 // 2, 5, 7 + 3 // 2
+    long = np.zeros(120, bool)
+    long[10:70] = True  # 60 slices
+    assert choose_seeds(long, spacing=20) == [20, 40, 60]  # 3 parts of 20: 10 + 10, 10 + 30, 10 + 50
+    assert choose_seeds(long, spacing=25) == [20, 40, 60]  # ceil(60 / 25) = 3 parts too
+    assert choose_seeds(long, spacing=60) == [40]
+    brats = np.zeros(155, bool)
+    brats[29:103] = True  # 74 slices, pat0001's tumour: 4 parts of 18.5, middles at 9.25, 27.75, 46.25, 64.75
+    assert choose_seeds(brats, spacing=20) == [38, 56, 75, 93]
+    assert choose_seeds(np.zeros(5, bool), spacing=20) == []
 
 
-def test_seeds_spread_from_the_peak_to_cover_a_long_run():
-    """A run of 60 slices (10..69) with its peak at 25, spacing 20: 3 seeds. The 2 besides the peak are split
-    between the 15 slices below it and the 44 above so that the worst coverage is least: a side of L slices with m
-    seeds is covered to L / (2m + 1); 0 below and 2 above: max(15, 8.8); 1 and 1: max(5, 14.7); 2 and 0: max(3, 44).
-    So one each side, at 25 - 2 · 5 = 15 and 25 + 2 · 14.67 = 54.3 -> 54."""
-    relevance = np.zeros(80)
-    relevance[10:70] = 0.6
-    relevance[25] = 0.9
-    selected = relevance > 0.5
-    assert choose_seeds(relevance, selected, spacing=20) == [15, 25, 54]
-    assert spread(10, 69, 10, 3) == [10, 34, 57]  # peak at the start: both above, at 10 + 2 · 11.8 and 10 + 4 · 11.8
-    assert spread(0, 9, 4, 1) == [4]
-    assert choose_seeds(relevance, selected, spacing=60) == [25]
-    flat = np.where(selected, 0.7, 0.0)
-    assert choose_seeds(flat, selected, spacing=60) == [39]  # a tie: the peak nearest the middle, (10 + 69) / 2
+def test_the_first_seed_of_a_bound_is_its_most_relevant_and_a_seed_takes_over_where_the_masks_agree():
+    smoothed = np.zeros(30)
+    smoothed[[5, 12, 20]] = [0.7, 0.9, 0.6]
+    assert anchor_of([5, 12, 20], smoothed, 0, 29) == 12
+    smoothed[20] = 0.9
+    assert anchor_of([5, 12, 20], smoothed, 0, 29) == 12  # a tie: the one nearest the middle, 14.5
+    assert anchor_of([5, 12, 20], smoothed, 10, 29) == 20  # middle 19.5
+    a = np.zeros((10, 10), bool)
+    a[2:6, 2:6] = True  # 16 pixels
+    b = np.zeros((10, 10), bool)
+    b[3:5, 3:5] = True  # 4, inside a
+    assert agreement(a, b) == agreement(b, a) == 1.0
+    b[:] = False
+    b[5:9, 5:9] = True  # 16 pixels, 1 shared with a
+    assert agreement(a, b) == 1 / 16
 
 
 def test_bounds_grow_the_runs_by_the_margin_within_the_candidates_and_merge():
@@ -158,14 +166,15 @@ class BlurredTruth:
         return torch.stack([torch.as_tensor(self.maps[image[0].numpy().tobytes()]) for image in images])
 
 
-def seeded_run(relevance, margin=2, spacing=20, mode="seeded", sam=None, **segment):
-    volume, truth = planted()
+def seeded_run(relevance, margin=2, spacing=20, mode="seeded", sam=None, planted_volume=None, saliency=None,
+               prompts=("brain tumor",), **segment):
+    volume, truth = planted_volume or planted()
     options = preset_options("fast", mode=mode, propagation_margin=margin, seed_spacing=spacing,
                              relevance_smoothing=1, relevance_threshold=0.5)
-    saliency = BlurredTruth(volume, truth)
+    saliency = saliency or BlurredTruth(volume, truth)
     pipeline = ZeroShotSegmenter(options, scorer=TableScorer(volume, relevance), slice_sam=sam or PlantedSam(),
                                  saliency=saliency)
-    return pipeline.segment(volume, ["brain tumor"], **segment), truth, saliency
+    return pipeline.segment(volume, list(prompts), **segment), truth, saliency
 
 
 def test_propagation_is_bounded_by_the_gate_and_its_margin():
@@ -199,20 +208,50 @@ def test_with_a_wide_margin_propagation_stops_where_the_target_ends():
     assert directions["up"]["stopped_at"] == 16 and directions["up"]["reason"] == "SAM's mask is empty"
 
 
-def test_meeting_propagations_split_at_the_midpoint_and_no_slice_is_embedded_twice():
-    """Gate run 4..15 (12 slices), spacing 6: 2 seeds. Peak at 6 (relevance 0.95): one seed each side? 2 below and 9
-    above: the other seed goes above, 9 / 3 = 3 -> 6 + 6 = 12. Midpoint 9: seed 6 owns ..9, seed 12 owns 10.."""
+def chain_relevance() -> np.ndarray:
+    """Gate run 4..15 (12 slices); at spacing 6, 2 parts of 6 with seeds at 4 + 3 = 7 and 4 + 9 = 13; 7 is the more
+    relevant, so propagation starts there."""
     relevance = np.full(20, 0.1)
     relevance[4:16] = 0.8
-    relevance[6] = 0.95
+    relevance[7] = 0.95
+    return relevance
+
+
+def test_a_seed_that_agrees_takes_over_and_owns_the_slices_nearer_it_with_no_slice_embedded_twice():
+    """Seed 13 made the more relevant: from 13 down to seed 7 (slices 12..7); at 7 the two masks agree (the planted
+    SAM follows the block), so 7 takes over: it propagates back up to the midpoint, 10 (rounded towards 13, which
+    keeps it), and on down to the bound; 13 propagates up to the bound."""
+    relevance = chain_relevance()
+    relevance[13] = 0.99
     sam = PlantedSam()
     result, truth, _ = seeded_run(relevance, margin=0, spacing=6, sam=sam)
     seeded = result.report["seeded"]["brain tumor"]
-    assert seeded["seeds"] == [6, 12]
-    assert seeded["propagated_from"] == {"6": [4, 5, 7, 8, 9], "12": [10, 11, 13, 14, 15]}
+    assert seeded["seeds"] == [7, 13] and result.report["saliency_slices"]["brain tumor"] == [7, 13]
+    assert seeded["seed_checks"] == {"7": {"reached_from": 13, "agreement": 1.0, "took_over": True}}
+    assert seeded["propagated_from"] == {"7": [4, 5, 6, 8, 9], "13": [10, 11, 12, 14, 15]}
     assert np.array_equal(result.masks[0], truth)
     assert result.report["slices_embedded"] == 12 == sum(sam.batches)  # 4..15, each once
     assert sam.batches[0] == 2  # the two seeds in one encoder call
+
+
+def test_a_seed_whose_mask_is_elsewhere_is_not_taken():
+    """Slice 13 also shows a bright square far from the block, and seed 13's saliency points at it, so the seed's
+    mask is the square. The propagation from seed 7 reaches 13 on the block: their masks share nothing, the seed is
+    not taken, and the propagation carries on; the square is in no slice's mask."""
+    volume, truth = planted()
+    volume.array[13, 18:22, 18:22] = 200
+    saliency = BlurredTruth(volume, truth)
+    from clisc.zeroshot import percentile_window_uint8
+
+    square = np.zeros(truth.shape[1:], bool)
+    square[18:22, 18:22] = True
+    saliency.maps[percentile_window_uint8(volume.array)[13].tobytes()] = gaussian_filter(square.astype(float), 1.0)
+    result, _, _ = seeded_run(chain_relevance(), margin=0, spacing=6, planted_volume=(volume, truth),
+                              saliency=saliency)
+    seeded = result.report["seeded"]["brain tumor"]
+    assert seeded["seed_checks"]["13"] == {"reached_from": 7, "agreement": 0.0, "took_over": False}
+    assert seeded["propagated_from"] == {"7": [4, 5, 6, 8, 9, 10, 11, 12, 13, 14, 15]}
+    assert np.array_equal(result.masks[0], truth)
 
 
 class StoppingSam(PlantedSam):
@@ -229,24 +268,35 @@ class StoppingSam(PlantedSam):
         return prediction
 
 
-def test_where_one_seed_stops_short_of_the_midpoint_the_other_carries_on():
-    """Seeds 6 and 12 as above; slice 8 refuses seed 6's propagation (IoU 0.1 there, below 0.5), so seed 12 carries
-    on past the midpoint down to 8, and slice 8 is refused for it as well: it stays empty."""
+def test_where_a_propagation_stops_short_of_the_next_seed_that_seed_starts_afresh_back_to_the_stop():
+    """Seeds 7 and 13 as above; slice 10 refuses every prediction (IoU 0.1, below 0.5): seed 7's propagation stops
+    there, seed 13 starts on its own, propagates back down to 10 (refused again: it stays empty) and on up."""
     from clisc.zeroshot import percentile_window_uint8
 
     volume, _ = planted()
-    relevance = np.full(20, 0.1)
-    relevance[4:16] = 0.8
-    relevance[6] = 0.95
-    sam = StoppingSam([percentile_window_uint8(volume.array)[8]])
-    result, truth, _ = seeded_run(relevance, margin=0, spacing=6, sam=sam)
+    sam = StoppingSam([percentile_window_uint8(volume.array)[10]])
+    result, truth, _ = seeded_run(chain_relevance(), margin=0, spacing=6, sam=sam)
     seeded = result.report["seeded"]["brain tumor"]
-    assert seeded["propagated_from"] == {"6": [4, 5, 7], "12": [9, 10, 11, 13, 14, 15]}
-    up_from_6 = next(d for d in seeded["directions"] if d["seed"] == 6 and d["direction"] == "up")
-    down_from_12 = next(d for d in seeded["directions"] if d["seed"] == 12 and d["direction"] == "down")
-    assert up_from_6["stopped_at"] == 8 and "predicted IoU 0.10 < 0.5" in up_from_6["reason"]
-    assert down_from_12["stopped_at"] == 8 and down_from_12["last"] == 9
-    assert not result.masks[0][8].any() and result.report["slices_embedded"] == 12  # slice 8 embedded once
+    assert seeded["propagated_from"] == {"7": [4, 5, 6, 8, 9], "13": [11, 12, 14, 15]}
+    assert seeded["seed_checks"] == {"13": {"reached_from": None, "agreement": None, "took_over": True}}
+    up_from_7 = next(d for d in seeded["directions"] if d["seed"] == 7 and d["direction"] == "up")
+    down_from_13 = next(d for d in seeded["directions"] if d["seed"] == 13 and d["direction"] == "down")
+    assert up_from_7["stopped_at"] == 10 and "predicted IoU 0.10 < 0.5" in up_from_7["reason"]
+    assert down_from_13["stopped_at"] == 10 and down_from_13["last"] == 11
+    assert not result.masks[0][10].any() and result.report["slices_embedded"] == 12  # slice 10 embedded once
+
+
+def test_two_seeded_prompts_embed_each_slice_once_however_small_the_pipelines_own_cache():
+    relevance = chain_relevance()
+    volume, truth = planted()
+    sam = PlantedSam()
+    options = preset_options("fast", mode="seeded", propagation_margin=0, seed_spacing=6, relevance_smoothing=1)
+    pipeline = ZeroShotSegmenter(options, scorer=TableScorer(volume, relevance), slice_sam=sam,
+                                 saliency=BlurredTruth(volume, truth))
+    pipeline.cache.max_slices = 3  # far fewer than the 12 slices each prompt propagates over
+    result = pipeline.segment(volume, ["brain tumor", "glioma"])
+    assert all(np.array_equal(mask, truth) for mask in result.masks)
+    assert result.report["slices_embedded"] == 12 == sum(sam.batches)
 
 
 def test_a_refiner_given_the_same_cache_and_sam_reuses_the_zero_shot_embeddings():

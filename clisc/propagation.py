@@ -126,14 +126,13 @@ class Propagator:
         use_points: prompt with points besides the box (for a point-trained SAM; `Refiner.propagate` says why
             LiteMedSAM gets none).
         send_logits: send SAM's logits of the previous slice as its mask input.
-        box_margin: pixels the previous slice's box is grown by on each side (clipped to the slice).
     """
 
     def __init__(self, segmenter, embeddings: SliceEmbeddings, min_iou: float, min_overlap: float, use_points: bool,
-                 send_logits: bool = True, box_margin: int = 0) -> None:
+                 send_logits: bool = True) -> None:
         self.segmenter, self.embeddings = segmenter, embeddings
         self.min_iou, self.min_overlap = min_iou, min_overlap
-        self.use_points, self.send_logits, self.box_margin = use_points, send_logits, box_margin
+        self.use_points, self.send_logits = use_points, send_logits
 
     def start(self, direction: str, index: int, mask: np.ndarray, logits: Optional[torch.Tensor]) -> Front:
         """A front leaving slice ``index`` (mask (rows, columns) bool, non-empty) "up" (increasing index) or
@@ -160,7 +159,7 @@ class Propagator:
                 points, labels = propagation_points(front.previous, front.before)
             prediction = self.segmenter.predict_logits(
                 self.embeddings[target], front.previous.shape, points=points, labels=labels,
-                box=self.box(front.previous), mask_input=front.logits if self.send_logits else None,
+                box=bounding_box(front.previous), mask_input=front.logits if self.send_logits else None,
                 multimask=False)
             overlap = dice(prediction.mask, front.previous)
             report.ious.append(round(prediction.iou, 4))
@@ -173,11 +172,6 @@ class Propagator:
             report.first = target if report.first is None else report.first
             report.last = front.position = target
             front.before, front.previous, front.logits = front.previous, prediction.mask, prediction.low_res_logits
-
-    def box(self, mask: np.ndarray) -> np.ndarray:
-        """The box (4,) of a non-empty slice mask, grown by ``box_margin`` and clipped to the slice."""
-        box = bounding_box(mask) + np.array([-1, -1, 1, 1]) * self.box_margin
-        return np.clip(box, 0, np.array(mask.shape[::-1] * 2) - 1)
 
     def refusal(self, prediction, overlap: float) -> str:
         """Why a prediction ends its direction, in words; "" when it is accepted."""

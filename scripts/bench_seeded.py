@@ -20,6 +20,9 @@ Data: the 4 BraTS FLAIR volumes (whole tumour, "brain tumor": profile tumor), th
 target, or each lung on its own, would give). Scores by `clisc.metrics.evaluate` (Dice, HD95 mm, NSD at 2 mm).
 
     python scripts/bench_seeded.py [--datasets brats,ct] [--lungs] [--noise-seeds 1] [--sigma 0.3] [--json OUT]
+                                   [--embeddings DIR] [--cases pat0001,...] [--configs 0,1] [-v]
+    python scripts/bench_seeded.py --datasets brats --precompute --embeddings DIR   # the encoder's work first
+    python scripts/bench_seeded.py --merge A.json,B.json                              # runs split by case
 """
 from __future__ import annotations
 
@@ -213,8 +216,18 @@ def main() -> None:
                         help="only embed each case's slices within 12 of its target into --embeddings, then stop")
     parser.add_argument("--configs", type=lambda text: [int(x) for x in text.split(",")],
                         help="only these rows of CONFIGS, by number from 0 (default all)")
+    parser.add_argument("--merge", metavar="A.json,B.json", help="print the tables of earlier runs' --json together")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each run's Dice")
     args = parser.parse_args()
+    if args.merge:
+        merged: Dict[str, Dict[str, Dict[str, dict]]] = {}
+        for path in args.merge.split(","):
+            for dataset, rows in json.loads(Path(path).read_text()).items():
+                for label, cases in rows.items() if dataset != "settings" else ():
+                    merged.setdefault(dataset, {}).setdefault(label, {}).update(cases)
+        for dataset, rows in merged.items():
+            print_rows(dataset, rows)
+        return
     if not ba.DATA.exists():
         sys.exit(f"needs {ba.DATA}")
     torch.manual_seed(0)

@@ -11,14 +11,24 @@ work has been done (its time counted):
 - saliency: after M2IB has run on a slice (10 steps × 10 noise samples, the preset's), its map is replaced by
   the perturbed ground truth (`bench_accuracy.perturbed_map`), so that SAM's boxes, and so how far propagation
   goes, are those of a plausible map.
-Printed per run: the load average before and after, each stage's seconds (relevance, saliency, SAM, propagation;
-"other": reading, model loading, writing), the slices that got a map and were embedded, and the FLOP bound of the
-work done: CLIP's image tower on every candidate, M2IB on each mapped slice, LiteMedSAM's encoder on each embedded
-slice and its decoder on each prediction, counted by `torch.utils.flop_counter` on one slice each, over this
-machine's measured bf16 (and fp32) matrix-multiply throughput.
+Before the timed runs, each model is exported once for the runtime (OpenVINO by default), into a temporary
+CLISC_HOME, so the runs measure a later run's cost (reading the export, compiling it, checking it on its probe),
+as a user's every run after the first; the export's own seconds are printed apart.
 
-    python scripts/bench_seeded_speed.py [--order seeded,every-slice,seeded] [--threads 2]
-    python scripts/bench_seeded_speed.py --crop 55:84 --m2ib 2,2 --order seeded,every-slice   # a short check
+Printed per run: the load average before and after, each stage's seconds (relevance, saliency, SAM, propagation;
+"other": reading, writing and the rest), within them the models' preparation (loading the weights; each runtime
+forward's preparation: hashing the weights, reading and compiling the export, the probe check), the slices that
+got a map and were embedded, and the FLOP bound of the work done: CLIP's image tower on every candidate, M2IB on
+each mapped slice (the blocks after its bottleneck, which start from the relevance pass's kept tokens), LiteMedSAM's
+encoder on each embedded slice and its decoder on each prediction, counted by `torch.utils.flop_counter` on one
+slice each, over this machine's measured bf16 (and fp32) matrix-multiply throughput.
+
+A run is MODE or MODE:RUNTIME in ``--order``; the runtime defaults to ``--runtime`` (auto). The old `fast` preset
+(before issue 21) is ``every-slice:torch``: the every-slice mode in PyTorch; it still gets M2IB's kept tokens,
+which the old preset did not have, so the ratio to it is a lower bound.
+
+    python scripts/bench_seeded_speed.py [--order seeded,every-slice:torch,seeded] [--threads 2] [--runtime auto]
+    python scripts/bench_seeded_speed.py --crop 55:84 --m2ib 2,2 --order seeded,every-slice:torch   # a short check
 """
 from __future__ import annotations
 
@@ -123,39 +133,88 @@ def unit_flops(clip_folder: Path, volume: Volume, m2ib: dict) -> dict:
     middle = len(volume.array) // 2
     image = scorer.images(percentile_window_uint8(volume.array)[middle:middle + 1])
     text = scorer.prompt_embedding(PROMPT)[None]
-    saliency = ClipSaliency("m2ib", clip.model, m2ib, torch.bfloat16)
+    saliency = ClipSaliency("m2ib", clip.model, m2ib, torch.bfloat16, scorer.kept_tokens)
     sam = SliceSegmenter(load_sam("litemedsam"), torch.bfloat16)
     slice_rgb = np.repeat(percentile_window_uint8(volume.array)[middle:middle + 1, ..., None], 3, axis=-1)
     embedding = sam.embed(slice_rgb)[0]
     with torch.inference_mode():
-        relevance = flops(lambda: scorer.image_embeddings(image))
+        relevance = flops(lambda: scorer.image_embeddings(image))  # keeps the tokens M2IB starts from, as a run
     return {"clip_image_tower": relevance, "m2ib_map": flops(lambda: saliency(image, text, 2.0)),
             "sam_encoder": flops(lambda: sam.embed(slice_rgb)),
             "sam_decoder": flops(lambda: sam.predict_logits(embedding, slice_rgb.shape[1:3],
                                                             box=np.array([80.0, 80, 160, 160])))}
 
 
-def one_run(mode: str, source: Path, clip_folder: Path, folder: Path, oracles: Oracles, threads: int) -> dict:
+class Preparation:
+    """Seconds spent loading the models and preparing each runtime forward (`clisc.runtime.module_forward`:
+    hashing the weights, reading and compiling the export, the probe check), by patching their callers' names."""
+
+    TARGETS = (("clisc.zeroshot.segmenter", "load_clip", "loading"), ("clisc.zeroshot.segmenter", "load_sam", "loading"),
+               ("clisc.clip_scoring", "module_forward", "clip_runtime"), ("clisc.sam", "module_forward", "sam_runtime"))
+
+    def __init__(self) -> None:
+        self.seconds = {"loading": 0.0, "clip_runtime": 0.0, "sam_runtime": 0.0}
+
+    def patches(self) -> list:
+        import importlib
+
+        patches = []
+        for module_name, name, kind in self.TARGETS:
+            module = importlib.import_module(module_name)
+            patches.append(mock.patch.object(module, name, self.timed(getattr(module, name), kind)))
+        return patches
+
+    def timed(self, function, kind: str):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[kind] += time.perf_counter() - started
+        return wrapper
+
+
+def one_run(spec: str, source: Path, clip_folder: Path, folder: Path, oracles: Oracles, threads: int,
+            default_runtime: str) -> dict:
+    mode, _, runtime = spec.partition(":")
+    runtime = runtime or default_runtime
     report_path = folder / f"report_{mode}_{time.monotonic_ns()}.json"
     argv = ["segment", str(source), "--prompt", PROMPT, "--preset", "fast", "--mode", mode, "--clip", str(clip_folder),
-            "--device", "cpu", "-o", str(folder / f"out_{report_path.stem}.nii.gz"), "--report", str(report_path)]
+            "--device", "cpu", "--runtime", runtime, "-o", str(folder / f"out_{report_path.stem}.nii.gz"),
+            "--report", str(report_path)]
     oracles.scored = oracles.mapped = 0
+    preparation = Preparation()
     load_before = os.getloadavg()
     started = time.perf_counter()
     with ExitStack() as stack:
-        for patch in oracles.patches():
+        for patch in oracles.patches() + preparation.patches():
             stack.enter_context(patch)
         code = cli.main(argv)
     total = time.perf_counter() - started
     if code:
         sys.exit(f"clisc {' '.join(argv)} exited {code}")
     report = json.loads(report_path.read_text())
-    return {"mode": mode, "total_s": total, "seconds": report["seconds"], "load_before": load_before,
+    seeded = report["seeded"].get(PROMPT)
+    return {"run": spec, "mode": mode, "runtime": runtime, "total_s": total, "seconds": report["seconds"],
+            "preparation_s": preparation.seconds, "runtimes": report["runtimes"], "load_before": load_before,
             "load_after": os.getloadavg(), "scored": oracles.scored, "mapped": oracles.mapped,
             "selected": len(report["selected_slices"][PROMPT]), "embedded": report["slices_embedded"],
-            "predictions": (report["seeded"][PROMPT]["slices_visited"] + len(report["seeded"][PROMPT]["seeds"])
-                            if report["seeded"] else len(report["sam_prompts"][PROMPT])),
+            "predictions": (seeded["slices_visited"] + len(seeded["seeds"]) if seeded
+                            else len(report["sam_prompts"][PROMPT])),
             "threads": threads}
+
+
+def export_once(clip_folder: Path, runtime: str, m2ib: dict) -> dict:
+    """Export CLIP's tower and LiteMedSAM's encoder for ``runtime`` as the runs will ask for them (the first run's
+    cost, paid once per model and runtime version); their describe()."""
+    from clisc.sam import SliceSegmenter
+
+    scorer = ClipScorer(load_clip(clip_folder), torch.device("cpu"), torch.bfloat16, runtime)
+    ClipSaliency("m2ib", scorer.model, m2ib, torch.bfloat16, scorer.kept_tokens)  # sets the layer whose tokens are kept
+    scorer.image_embeddings(scorer.images(np.zeros((1, 8, 8), np.uint8)))
+    sam = SliceSegmenter(load_sam("litemedsam"), torch.bfloat16, runtime=runtime)
+    sam.embed(np.zeros((1, 8, 8, 3), np.uint8))
+    return {"clip_tower": scorer.tower_runtime(), "sam_encoder": sam.encoder_runtime()}
 
 
 def bound_seconds(run: dict, unit: dict, gflops: float) -> dict:
@@ -166,7 +225,9 @@ def bound_seconds(run: dict, unit: dict, gflops: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--order", default="seeded,every-slice,seeded", help="the runs, in order")
+    parser.add_argument("--order", default="seeded,every-slice:torch,seeded",
+                        help="the runs, in order: MODE or MODE:RUNTIME (every-slice:torch is the old fast preset)")
+    parser.add_argument("--runtime", default="auto", help="CPU runtime of the runs that name none (clisc --runtime)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--sigma", type=float, default=0.3, help="noise of the relevance oracle")
     parser.add_argument("--crop", metavar="FIRST:LAST", help="a shorter check: only these slices of the volume")
@@ -185,7 +246,8 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()}; fast preset: "
           f"default mode {fast.mode}, CLIP {fast.clip_precision}, SAM {fast.sam} {fast.sam_precision}, M2IB {m2ib}",
           flush=True)
-    with tempfile.TemporaryDirectory() as temporary, mock.patch.dict(PRESETS["fast"], saliency_options=m2ib):
+    with tempfile.TemporaryDirectory() as temporary, mock.patch.dict(PRESETS["fast"], saliency_options=m2ib), \
+            mock.patch.dict(os.environ, CLISC_HOME=str(Path(temporary) / "clisc_home")):
         folder = Path(temporary)
         source = CASE / "flair.nii.gz"
         if args.crop:
@@ -204,15 +266,25 @@ def main() -> None:
               f"GFLOP per slice: CLIP image tower {unit['clip_image_tower'] / 1e9:.1f}, M2IB map "
               f"{unit['m2ib_map'] / 1e9:.0f}, LiteMedSAM encoder {unit['sam_encoder'] / 1e9:.1f}, decoder "
               f"{unit['sam_decoder'] / 1e9:.2f}", flush=True)
+        runtimes = {spec.partition(":")[2] or args.runtime for spec in args.order.split(",")} - {"torch"}
+        for runtime in sorted(runtimes):
+            started = time.perf_counter()
+            exported = export_once(clip_folder, runtime, m2ib)
+            print(f"export for --runtime {runtime} (once per model and runtime version; not in the runs): "
+                  f"{time.perf_counter() - started:.1f} s: " + "; ".join(
+                      f"{name} {ran['runtime']} {ran.get('precision')}, export {ran.get('export_seconds')} s"
+                      for name, ran in exported.items()), flush=True)
         runs = []
-        for mode in args.order.split(","):
-            run = one_run(mode, source, clip_folder, folder, oracles, args.threads)
+        for spec in args.order.split(","):
+            run = one_run(spec, source, clip_folder, folder, oracles, args.threads, args.runtime)
             run["bound_bf16_s"] = bound_seconds(run, unit, gflops["bfloat16"])
             run["bound_fp32_s"] = bound_seconds(run, unit, gflops["float32"])
             runs.append(run)
             s, b = run["seconds"], run["bound_bf16_s"]
             other = run["total_s"] - sum(s.values())
-            print(f"\n{mode}: total {run['total_s']:.1f} s (load average {run['load_before'][0]:.2f} before, "
+            prep = run["preparation_s"]
+            print(f"\n{spec} (--runtime {run['runtime']}): total {run['total_s']:.1f} s (load average "
+                  f"{run['load_before'][0]:.2f} before, "
                   f"{run['load_after'][0]:.2f} after); {volume.array.shape[0]} slices, {run['scored']} scored by CLIP, "
                   f"{run['selected']} selected, {run['mapped']} saliency maps, {run['embedded']} embedded by SAM, "
                   f"{run['predictions']} SAM predictions", flush=True)
@@ -222,12 +294,18 @@ def main() -> None:
                 print(f"  {stage:<12} {s.get(stage, 0.0):>8.1f} " + (f"{bound:>16.1f}" if bound is not None else ""))
             print(f"  {'SAM + prop.':<12} {s.get('sam', 0) + s.get('propagation', 0):>8.1f} {b['sam']:>16.1f}")
             print(f"  {'other':<12} {other:>8.1f}   (reading, loading the models, writing)")
+            print(f"  of which preparing the models: loading {prep['loading']:.1f} s (in other), CLIP's runtime "
+                  f"{prep['clip_runtime']:.1f} s (in relevance), LiteMedSAM's runtime {prep['sam_runtime']:.1f} s "
+                  f"(in sam); ran: " + "; ".join(f"{k} {v['runtime']} {v.get('precision')}"
+                                                 for k, v in run["runtimes"].items()))
             print(f"  work done {b['gflop']:.0f} GFLOP: bound {b['gflop'] / gflops['bfloat16']:.1f} s at bf16 matmul speed, "
                   f"{b['gflop'] / gflops['float32']:.1f} s at fp32")
-        by_mode = {mode: [r["total_s"] for r in runs if r["mode"] == mode] for mode in dict.fromkeys(args.order.split(","))}
-        if len(by_mode) == 2:
-            (a, ta), (b, tb) = by_mode.items()
-            print(f"\n{b} / {a}: {np.mean(tb) / np.mean(ta):.2f}x (means of {len(tb)} and {len(ta)} runs)")
+        by_run = {spec: [r["total_s"] for r in runs if r["run"] == spec] for spec in dict.fromkeys(args.order.split(","))}
+        seeded = [spec for spec in by_run if spec.partition(":")[0] == "seeded"]
+        for spec in (spec for spec in by_run if spec.partition(":")[0] == "every-slice"):
+            for fast in seeded:
+                print(f"\n{spec} / {fast}: {np.mean(by_run[spec]) / np.mean(by_run[fast]):.2f}x (means of "
+                      f"{len(by_run[spec])} and {len(by_run[fast])} runs)")
         if args.json:
             Path(args.json).write_text(json.dumps({"settings": vars(args), "gflops": gflops, "unit_flops": unit,
                                                    "runs": runs}, indent=1, default=float))

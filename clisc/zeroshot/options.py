@@ -61,10 +61,11 @@ PRESETS = {
     "accurate": {"saliency": "m2ib", "saliency_options": {"steps": 10, "samples": 10}},
     # A laptop CPU: the same M2IB, with CLIP and the SAM encoder under bf16 autocast (LiteMedSAM's encoder 1.6-1.9x
     # faster on 2 cores; its masks differ from float32 ones by a median of 18 pixels per slice, at equal Dice),
-    # and LiteMedSAM, the medical SAM that ships with CLISC (75 GFLOP per slice against vit_b's 972). The
-    # README's "Accuracy and speed" has the measurements.
+    # and LiteMedSAM, the medical SAM that ships with CLISC (75 GFLOP per slice against vit_b's 972); M2IB on a
+    # few seed slices only, SAM propagation between them (`clisc.zeroshot.seeded`; as accurate as every slice
+    # on the BraTS oracle benchmark). The README's "Accuracy and speed" has the measurements.
     "fast": {"saliency": "m2ib", "saliency_options": {"steps": 10, "samples": 10}, "sam": "litemedsam",
-             "clip_precision": "bfloat16", "sam_precision": "bfloat16"},
+             "clip_precision": "bfloat16", "sam_precision": "bfloat16", "mode": "seeded"},
 }
 
 

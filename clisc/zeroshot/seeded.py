@@ -3,17 +3,18 @@ on the seeds, and SAM propagation (`clisc.propagation`, the refine engine's) fro
 
 Per prompt whose profile keeps one target (`uses_seeds`):
 1. `gate_runs`: the runs of consecutive slices the gate selected (without the gate: every candidate).
-2. `choose_seeds`: in each run, ceil(length / ``spacing``) seeds: the first at the run's peak of smoothed relevance
-   (the gate's own moving average), the others spread over the two sides of the peak so that no slice of the run
-   is far from a seed (`spread`).
+2. `choose_seeds`: each run cut into ceil(length / ``spacing``) equal parts, a seed at the middle of each.
 3. The saliency map, its coarse mask and SAM prompt (the stages of the every-slice mode) on the seeds only, and
    SAM's mask and logits there (`seed_predictions`).
-4. `propagate_seeds`: from each seed up and down, slice by slice, until a stop rule of `clisc.propagation` or the
-   bound: each run grown by ``margin`` slices at both ends (the end slices a gate misses are where propagation
-   helps), within the candidates. Where the propagations of two seeds meet, each slice takes the mask of the
-   nearest seed whose propagation reaches it: neighbouring seeds propagate towards each other up to their
-   midpoint, and where one of them stops short of it, the other carries on to where it stopped. No slice is
-   predicted twice.
+4. `propagate_seeds`, within bounds: each run grown by ``margin`` slices at both ends (the end slices a gate misses
+   are where propagation helps), within the candidates. In each bound, propagation starts from the seed of highest
+   smoothed relevance (the gate's own moving average) and goes up and down, slice by slice, until a stop rule of
+   `clisc.propagation` or the bound. Where it reaches another seed, the two masks on that slice are compared
+   (`agreement`): where they agree, the seed takes over (its mask is fresher than one carried over many slices)
+   and propagates back to the midpoint and on; where they do not, the seed's map pointed elsewhere and the
+   propagation carries on through. Where a propagation stops short of the next seed, that seed starts afresh:
+   back to where the other stopped, and on. A slice is embedded once; only the slices between a seed that takes
+   over and the midpoint are predicted twice (SAM's decoder only, a few ms each).
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ from ..propagation import MIN_IOU, MIN_OVERLAP, Propagator
 from ..prompts import SamPrompt
 
 Run = Tuple[int, int]  # first and last slice index, inclusive
+# A seed takes over from the propagation that reaches it when at least this much of the smaller of their two masks
+# on its slice lies inside the other: the same object, the seed's mask fresher (`agreement`).
+AGREEMENT = 0.5
 
 
 def uses_seeds(profile: Profile) -> Tuple[bool, str]:
@@ -51,29 +55,15 @@ def gate_runs(selected: np.ndarray) -> List[Run]:
     return [(int(first), int(end) - 1) for first, end in zip(edges[::2], edges[1::2])]
 
 
-def spread(first: int, last: int, peak: int, count: int) -> List[int]:
-    """``count`` seeds on the run ``first``..``last``: ``peak`` and count - 1 more, split between the two sides
-    of the peak and placed evenly on each, so that the farthest slice of the run from its nearest seed is as
-    near as can be (a side of L slices with m seeds is covered to L / (2m + 1) slices)."""
-    below, above = peak - first, last - peak
-    best = min(range(count), key=lambda m: max(below / (2 * m + 1), above / (2 * (count - 1 - m) + 1)))
-    seeds = [peak]
-    for side, length, m in ((-1, below, best), (+1, above, count - 1 - best)):
-        reach = length / (2 * m + 1)
-        seeds += [peak + side * int(round(2 * reach * k)) for k in range(1, m + 1)]
-    return sorted(set(seeds))
-
-
-def choose_seeds(smoothed: np.ndarray, selected: np.ndarray, spacing: int) -> List[int]:
-    """Seed slices of one prompt: in each run of ``selected`` (N,) bool, ceil(length / ``spacing``) seeds from
-    `spread`, the first at the run's highest ``smoothed`` (N,) relevance (on a tie, the one nearest the run's
-    middle)."""
+def choose_seeds(selected: np.ndarray, spacing: int) -> List[int]:
+    """Seed slices of one prompt: each run of ``selected`` (N,) bool cut into ceil(length / ``spacing``) equal parts,
+    a seed at the middle of each (rounded down), so that no slice of a run is more than about ``spacing`` / 2 from a
+    seed; a run shorter than ``spacing`` gets one, at its middle."""
     seeds = []
     for first, last in gate_runs(selected):
-        run = smoothed[first:last + 1]
-        peaks = first + np.flatnonzero(run == run.max())
-        peak = int(peaks[np.argmin(np.abs(peaks - (first + last) / 2))])
-        seeds += spread(first, last, peak, math.ceil((last - first + 1) / spacing))
+        count = math.ceil((last - first + 1) / spacing)
+        part = (last - first + 1) / count
+        seeds += [first + int((k + 0.5) * part) for k in range(count)]
     return seeds
 
 
@@ -115,50 +105,80 @@ def seed_predictions(sam, embeddings: SliceEmbeddings, prompts: Dict[int, SamPro
     return predictions
 
 
-def propagate_seeds(propagator: Propagator, starts: Dict[int, Tuple[np.ndarray, torch.Tensor]], bounds: List[Run],
-                    write: Callable[[int, int, object], None], visit: Callable[[int], None]) -> List[dict]:
-    """Propagate every seed of ``starts`` ({slice: (mask (H, W) bool, SAM's logits of it)}) within its bound, by the
-    module's reconciliation rule. ``write(slice, seed, prediction)`` gets each accepted slice and the seed it came
-    from; ``visit(slice)`` is called before each prediction. Returns one record per direction of each seed: its
-    `DirectionReport` fields and the seed."""
-    records = []
+def agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """|a ∩ b| / min(|a|, |b|) of two non-empty masks: 1 when one lies inside the other, 0 when they are apart."""
+    return int((a & b).sum()) / min(int(a.sum()), int(b.sum()))
 
-    def go(seed: int, direction: str) -> object:
+
+def anchor_of(seeds: List[int], smoothed: np.ndarray, low: int, high: int) -> int:
+    """The seed of highest ``smoothed`` relevance (on a tie, the one nearest the middle of ``low``..``high``)."""
+    best = max(smoothed[seed] for seed in seeds)
+    return min((seed for seed in seeds if smoothed[seed] == best), key=lambda seed: abs(seed - (low + high) / 2))
+
+
+def propagate_seeds(propagator: Propagator, starts: Dict[int, Tuple[np.ndarray, torch.Tensor]], bounds: List[Run],
+                    smoothed: np.ndarray, write: Callable[[int, int, np.ndarray], None],
+                    visit: Callable[[int], None]) -> Tuple[List[dict], Dict[str, dict]]:
+    """Propagate the seeds of ``starts`` ({slice: (mask (H, W) bool, non-empty, SAM's logits of it)}) through their
+    bounds by the module's rule. ``write(slice, seed, mask)`` gets each slice's mask and the seed it came from (a
+    seed that takes over writes its own slice); ``visit(slice)`` is called before each prediction. Returns one
+    record per front (its `DirectionReport` fields and its seed) and, per seed a front reached, the check made
+    there."""
+    records: List[tuple] = []
+    checks: Dict[str, dict] = {}
+
+    def go(seed: int, direction: str):
         front = propagator.start(direction, seed, *starts[seed])
         records.append((seed, front))
         return front
 
     def advance(front, seed: int, last: int, reason: str) -> None:
-        propagator.advance(front, last, reason, lambda index, prediction: write(index, seed, prediction), visit)
+        propagator.advance(front, last, reason, lambda index, prediction: write(index, seed, prediction.mask), visit)
+
+    def chain(anchor: int, direction: str, ahead: List[int], end: int) -> None:
+        step = 1 if direction == "up" else -1
+        front, source = go(anchor, direction), anchor
+        for seed in ahead:
+            advance(front, source, seed, f"reached seed {seed}")
+            if front.position == seed:  # the propagation reached the seed: the seed takes over if they agree
+                score = agreement(front.previous, starts[seed][0])
+                checks[str(seed)] = {"reached_from": source, "agreement": round(score, 4), "took_over": score >= AGREEMENT}
+                if score < AGREEMENT:
+                    front.report.reason = f"kept its mask on seed {seed}'s slice (agreement {score:.2f} < {AGREEMENT})"
+                    continue
+                write(seed, seed, starts[seed][0])
+                front.report.reason = f"handed over to seed {seed} (agreement {score:.2f})"
+                middle = (source + seed) // 2 if step > 0 else (source + seed + 1) // 2
+                advance(go(seed, "down" if step > 0 else "up"), seed, middle + step,
+                        f"reached slice {middle + step}, the midpoint with seed {source}")
+            else:  # it stopped short: the seed starts afresh, back to where it stopped, and on
+                write(seed, seed, starts[seed][0])
+                checks[str(seed)] = {"reached_from": None, "agreement": None, "took_over": True}
+                advance(go(seed, "down" if step > 0 else "up"), seed, front.position + step,
+                        f"met seed {source}'s propagation, which stopped at slice {front.report.stopped_at}")
+            front, source = go(seed, direction), seed
+        advance(front, source, end, f"reached the bound (the gate's run {'+' if step > 0 else '-'} margin) at slice "
+                                    f"{end}")
 
     for low, high in bounds:
         seeds = sorted(seed for seed in starts if low <= seed <= high)
         if not seeds:
             continue
-        advance(go(seeds[0], "down"), seeds[0], low, f"reached the bound (the gate's run - margin) at slice {low}")
-        for a, b in zip(seeds, seeds[1:]):
-            middle = (a + b) // 2
-            up, down = go(a, "up"), go(b, "down")
-            advance(up, a, middle, f"reached slice {middle}, the midpoint with seed {b}")
-            advance(down, b, middle + 1, f"reached slice {middle + 1}, the midpoint with seed {a}")
-            if up.stopped and not down.stopped:
-                advance(down, b, up.position + 1, f"met seed {a}'s propagation, which stopped at slice "
-                                                  f"{up.report.stopped_at}")
-            elif down.stopped and not up.stopped:
-                advance(up, a, down.position - 1, f"met seed {b}'s propagation, which stopped at slice "
-                                                  f"{down.report.stopped_at}")
-        advance(go(seeds[-1], "up"), seeds[-1], high, f"reached the bound (the gate's run + margin) at slice {high}")
-    return [dict(seed=seed, **{key: value for key, value in vars(front.report).items()}) for seed, front in records]
+        anchor = anchor_of(seeds, smoothed, low, high)
+        chain(anchor, "down", [seed for seed in reversed(seeds) if seed < anchor], low)
+        chain(anchor, "up", [seed for seed in seeds if seed > anchor], high)
+    return [dict(seed=seed, **vars(front.report)) for seed, front in records], checks
 
 
 def seeded_mask(sam, embeddings: SliceEmbeddings, predictions: Dict[int, object], selected: np.ndarray,
-                candidates: np.ndarray, margin: int, progress: ProgressCallback, cancel: CancelToken) -> tuple:
+                smoothed: np.ndarray, candidates: np.ndarray, margin: int, progress: ProgressCallback,
+                cancel: CancelToken) -> tuple:
     """One prompt's slice masks (N, H, W) bool from its seeds' predictions (`seed_predictions`), propagated within
-    the runs of ``selected`` (N,) bool grown by ``margin`` (`propagation_bounds`), with the stop rules'
-    defaults; and its report: the seeds, the bounds, which slices came from which seed, and where and why each
-    direction stopped.
+    the runs of ``selected`` (N,) bool grown by ``margin`` (`propagation_bounds`) by the module's rule, from the
+    seed of highest ``smoothed`` (N,) relevance in each bound, with the stop rules' defaults; and its report: the
+    seeds, the bounds, which slices came from which seed, each seed's check, and where and why each front ended.
 
-    ``progress("SAM propagation", slices visited, slices in the bounds but the seeds, "slice N")`` before each
+    ``progress("SAM propagation", slices visited, slices in the bounds but the first seeds, "slice N")`` before each
     slice and at the end; ``cancel`` checked before each slice.
     """
     masks = np.zeros(embeddings.slices.shape, dtype=bool)
@@ -168,25 +188,30 @@ def seeded_mask(sam, embeddings: SliceEmbeddings, predictions: Dict[int, object]
         if prediction.mask.any():
             starts[index] = (prediction.mask, prediction.low_res_logits)
     bounds = propagation_bounds(gate_runs(selected), margin, candidates)
-    total = sum(high - low + 1 for low, high in bounds) - sum(any(l <= s <= h for l, h in bounds) for s in starts)
+    total = sum(high - low + 1 for low, high in bounds) - sum(any(low <= s <= high for s in starts)
+                                                             for low, high in bounds)
     visited, sources = 0, {}
 
     def visit(index: int) -> None:
         nonlocal visited
         cancel.raise_if_cancelled()
-        progress("SAM propagation", visited, total, f"slice {index}")
+        progress("SAM propagation", min(visited, total), total, f"slice {index}")
         visited += 1
 
-    def write(index: int, seed: int, prediction) -> None:
-        masks[index] = prediction.mask
-        sources.setdefault(seed, []).append(index)
+    def write(index: int, seed: int, mask: np.ndarray) -> None:
+        masks[index] = mask
+        sources[index] = seed
 
     propagator = Propagator(sam, embeddings, MIN_IOU, MIN_OVERLAP, use_points=not sam.box_prompts_only)
-    directions = propagate_seeds(propagator, starts, bounds, write, visit)
+    fronts, checks = propagate_seeds(propagator, starts, bounds, smoothed, write, visit)
     progress("SAM propagation", total, total, "")
+    propagated_from: Dict[str, List[int]] = {}
+    for index, seed in sorted(sources.items()):
+        if index != seed:
+            propagated_from.setdefault(str(seed), []).append(index)
     report = {"seeds": sorted(predictions), "seeds_with_empty_mask": sorted(set(predictions) - set(starts)),
               "seed_ious": {str(index): round(p.iou, 4) for index, p in sorted(predictions.items())},
               "bounds": [list(bound) for bound in bounds], "margin": margin,
-              "propagated_from": {str(seed): sorted(indices) for seed, indices in sorted(sources.items())},
-              "directions": directions, "slices_visited": visited}
+              "propagated_from": dict(sorted(propagated_from.items(), key=lambda item: int(item[0]))),
+              "seed_checks": checks, "directions": fronts, "slices_visited": visited}
     return masks, report

@@ -47,8 +47,10 @@ class ZeroShotSegmenter:
         scorer: CLIP for the slice gate and the saliency grid; default a `ClipScorer` of ``clip``.
         slice_sam: SAM on slices; default a `clisc.sam.SliceSegmenter` of ``sam``.
         saliency: the saliency method; default ``options.saliency`` on the scorer's CLIP model (a `ClipScorer`).
-        cache: where SAM's slice embeddings are kept (default a new `EmbeddingCache`); give a refinement's
-            `clisc.refine.Refiner` the same cache and SAM, and its clicks reuse what segmenting computed.
+        cache: where SAM's slice embeddings are kept; give a refinement's `clisc.refine.Refiner` the same cache
+            and SAM, and its clicks reuse what segmenting computed. Default: the pipeline's own, which a run with
+            several prompts grows to hold every candidate slice (4 MiB each), so that no slice is embedded twice
+            when seeded prompts propagate over the same slices one after the other.
     """
 
     def __init__(self, options: SegmentOptions, clip=None, sam=None, *, scorer: Optional[SliceScorer] = None,
@@ -71,7 +73,7 @@ class ZeroShotSegmenter:
             saliency = ClipSaliency(options.saliency, scorer.model, options.saliency_options, scorer.autocast_dtype,
                                     getattr(scorer, "kept_tokens", None))
         self.scorer, self.sam, self.saliency = scorer, slice_sam, saliency
-        self.cache = cache if cache is not None else EmbeddingCache()
+        self.cache, self.own_cache = (cache, False) if cache is not None else (EmbeddingCache(), True)
 
     def segment(self, volume: Volume, prompts: Sequence[str], progress: ProgressCallback = no_progress,
                 cancel: Optional[CancelToken] = None) -> SegmentResult:
@@ -106,12 +108,14 @@ class ZeroShotSegmenter:
         smoothed = smoothed_relevance(relevance, options.relevance_smoothing)
         for n in seeded:
             mapped[n] = False
-            mapped[n, choose_seeds(smoothed[n], selected[n], options.seed_spacing)] = True
+            mapped[n, choose_seeds(selected[n], options.seed_spacing)] = True
         with _timed(timings, "saliency"):
             saliency = saliency_maps(self.saliency, self.scorer, images, candidates, mapped, texts,
                                      [p.beta for p in profiles], slices.shape[1:], prompts, progress, cancel)
         sam_prompts = slice_prompts(saliency, mapped, profiles, options.coarse_method, options.positive_points,
                                     options.negative_points, options.seed)
+        if self.own_cache and len(prompts) > 1:
+            self.cache.max_slices = max(self.cache.max_slices, int(candidates.sum()))
         embeddings = SliceEmbeddings(self.sam, view, axis, self.cache)
         with _timed(timings, "sam"):
             every_slice = {index: {n: p for n, p in by_prompt.items() if n not in seeded}
@@ -123,8 +127,8 @@ class ZeroShotSegmenter:
         with _timed(timings, "propagation"):
             for n in seeded:
                 masks[n], seed_reports[prompts[n]] = seeded_mask(
-                    self.sam, embeddings, seeds[n], selected[n], candidates, options.propagation_margin, progress,
-                    cancel)
+                    self.sam, embeddings, seeds[n], selected[n], smoothed[n], candidates, options.propagation_margin,
+                    progress, cancel)
         voxel_mm3 = float(np.prod(volume.spacing))
         volume_masks = [np.moveaxis(keep_3d(m, profile, voxel_mm3), 0, axis) for m, profile in zip(masks, profiles)]
 
