@@ -148,11 +148,14 @@ def test_pretrained_cams_find_brats_tumours_better_than_random_ones(lite0_file):
             cams[positive] = layer_cam(model, slices[positive], image_size=128)
             scores.append(dice(postprocess_cams(cams, body, positive), tumour))
         mean_dice[name] = float(np.mean(scores))
-    assert mean_dice["imagenet"] > mean_dice["random"], mean_dice
-    assert mean_dice["imagenet"] >= MEASURED_CAM_DICE - 0.05, mean_dice
+    assert mean_dice["imagenet"] > mean_dice["random"] + 0.1, mean_dice
+    assert mean_dice["imagenet"] >= min(MEASURED_CAM_DICE) - 0.05, mean_dice
 
 
-MEASURED_CAM_DICE = 0.307  # bench_cam_layer.py --every 2, lite0-imagenet, blocks.4 (random weights: 0.064)
+# Measured in this setting: 0.307 with one torch thread (bench_cam_layer.py --every 2, lite0-imagenet, blocks.4;
+# random weights 0.064), 0.251 with two (random 0.077): 2 epochs of training amplify the thread count's different
+# float sums, so the floor is set below both.
+MEASURED_CAM_DICE = (0.307, 0.251)
 
 
 def test_config_json_lists_the_backbone_and_random_weights_as_deviations(clisc_home, tmp_path):

@@ -123,9 +123,9 @@ def test_every_missing_model_is_named_at_once_with_its_urls_and_import_lines(cli
     assert not cache.is_installed(clip) and not cache.is_installed(sam)
 
 
-def test_train_names_every_missing_default_model_at_once(clisc_home, image, tmp_path, capsys):
+def test_train_names_every_missing_model_at_once(clisc_home, image, tmp_path, capsys):
     assert main(["train", str(image.parent), "--prompt", "bright disk", "--out", str(tmp_path / "run"),
-                 "--no-download"]) == 2
+                 "--classifier", "resnet50", "--no-download"]) == 2
     error = capsys.readouterr().err
     assert "3 models needed here are not installed (downloads are off (--no-download))" in error
     for name in ("clip_vit_b32", "sam_vit_b", "resnet50_imagenet"):

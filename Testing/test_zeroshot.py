@@ -295,6 +295,15 @@ def test_percentile_window_maps_the_percentiles_of_the_non_zero_voxels_to_0_and_
     assert not percentile_window_uint8(np.zeros((2, 3, 3))).any()
 
 
+def test_percentile_window_keeps_a_binary_images_contrast():
+    """One non-zero value has no window of its own: a 0/1 image maps to 0/255, not to all zeros (which the
+    contrast check would then refuse as empty)."""
+    array = np.zeros((2, 8, 8), np.float32)
+    array[:, 2:5, 2:5] = 1
+    window = percentile_window_uint8(array)
+    assert set(np.unique(window)) == {0, 255} and (window == 255).sum() == 18
+
+
 def test_candidate_slices_are_the_contrasted_ones_in_the_range():
     """Shows the two conditions of a candidate; says nothing about relevance."""
     slices = np.zeros((5, 4, 4), np.uint8)

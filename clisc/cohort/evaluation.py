@@ -154,6 +154,45 @@ def _scores_line(title: str, scores: dict) -> str:
             f"{scores['mean_hd95_mm']:.2f} mm over {scores['scored']} case(s)")
 
 
+def run_summary(folder: RunFolder, cases: int, loaded: int, held_out: list[str], held_out_predicted: int,
+                empty: dict[str, str], stopped: Optional[str], metrics: Optional[dict]) -> dict:
+    """summary.json of a run: case counts, skipped cases, the final model, the empty pseudo-labels, why it
+    stopped (if it did), the held-out cases, and with ``metrics`` (from `run_metrics`) the mean scores."""
+    model = folder.final_model
+    summary = {"run_dir": str(folder.path), "cases": cases, "loaded": loaded, "skipped": folder.skipped(),
+               "model": str(model) if model.is_file() else None, "empty_pseudo_labels": empty}
+    if stopped:
+        summary["stopped"] = stopped
+    if metrics is not None:
+        summary["training_cohort"] = means(metrics["training_cohort"])
+    if held_out:
+        summary["held_out"] = {"cases": held_out, "predicted": held_out_predicted}
+        if metrics is not None:
+            summary["held_out"].update(means(metrics["held_out"]))
+        elif held_out_predicted:
+            summary["held_out"]["note"] = ("not scored: no --labels (`clisc evaluate RUN_DIR LABELS --cases "
+                                           "HOLDOUT_FILE` scores them)")
+    return summary
+
+
+def write_final_model(folder: RunFolder, last_round: int) -> None:
+    """unet/final.pt (the U-Net of round ``last_round``), losses.json and loss_curves.png of every checkpoint."""
+    import torch
+
+    from .unet import save_checkpoint
+
+    rounds = [folder.unet_round(r) / "last.pt" for r in range(last_round + 1)]
+    state = torch.load(rounds[-1], map_location="cpu", weights_only=True)
+    save_checkpoint(folder.final_model, {"model": state["model"], "round": last_round})
+    checkpoints = {"classifier/classifier": folder.classifier(amda=False),
+                   "classifier/classifier_amda": folder.classifier(amda=True),
+                   **{f"unet/round{r}": path for r, path in enumerate(rounds)}}
+    losses = {name: torch.load(path, map_location="cpu", weights_only=True)["losses"]
+              for name, path in checkpoints.items()}
+    folder.write_json(folder.file("losses.json"), losses)
+    plot_losses(losses, folder.file("loss_curves.png"))
+
+
 def plot_losses(losses: dict[str, list[float]], path: Path) -> None:
     """A PNG of the loss curves (matplotlib when installed; it is not a dependency, so otherwise a log line)."""
     try:

@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 
-from .. import __version__, deviations
 from ..errors import Cancelled, InputError, WriteError
 from ..precision import DTYPES
 from ..progress import CancelToken, ProgressCallback, no_progress
@@ -31,36 +30,14 @@ from ..result import resolve_device
 from ..writers import reporting_write_errors, write_labelmap
 from . import distributed
 from .case_store import StoredCase, TrainingPairs, is_stored, open_case, store_case
-from .cases import Case, list_cohort, read_case_list, uncrop
-from .evaluation import (empty_pseudo_labels, label_paths, means, nothing_to_learn, plot_losses, run_metrics,
-                         what_to_try)
-from .options import RESUMABLE_CHANGES, CohortOptions, classifier_choice
+from .cases import Case, list_cohort, uncrop
+from .evaluation import (empty_pseudo_labels, label_paths, nothing_to_learn, run_metrics, run_summary, what_to_try,
+                         write_final_model)
+from .options import CohortOptions, classifier_choice
 from .run_folder import RunFolder
+from .run_setup import Reporter, changed_settings, check_models, held_out_cases, run_config
 
 logger = logging.getLogger("clisc")
-
-
-class _Reporter:
-    """Sends progress to a `ProgressCallback` and, as dicts {stage, case, epoch, loss, done, total}, to an
-    ``events`` callback (the CLI's ``--json-progress``). Only rank 0 reports."""
-
-    def __init__(self, progress: ProgressCallback, events: Optional[Callable[[dict], None]]) -> None:
-        self.progress = progress
-        self.events = events
-
-    def __call__(self, stage: str, done: int, total: int, case: Optional[str] = None, epoch: Optional[int] = None,
-                 loss: Optional[float] = None) -> None:
-        if not distributed.is_main():
-            return
-        message = " ".join(part for part in (case, f"loss {loss:.4f}" if loss is not None else None) if part)
-        self.progress(stage, done, total, message, case=case, epoch=epoch, loss=loss)
-        if self.events is not None:
-            self.events({"stage": stage, "case": case, "epoch": epoch, "loss": loss, "done": done, "total": total})
-
-    def epochs(self, stage: str) -> ProgressCallback:
-        """A `ProgressCallback` for a training loop: its epoch and loss fields reported under ``stage``."""
-        return lambda _stage, done, total, message="", epoch=None, loss=None, **fields: self(
-            stage, done, total, epoch=epoch, loss=loss)
 
 
 class CohortRun:
@@ -83,7 +60,7 @@ class CohortRun:
         if not self.prompt:
             raise InputError("--prompt is empty; say what to segment, e.g. \"brain tumor\"")
         self.folder = RunFolder(out_dir)
-        self.report = _Reporter(progress, events)
+        self.report = Reporter(progress, events)
         self.cancel = cancel
         self.device = distributed.init_from_env(resolve_device(options.device))
         self._clip, self._sam, self._build_classifier = clip, sam, classifier
@@ -100,36 +77,23 @@ class CohortRun:
     # ---- the run folder
 
     def _start(self, resume: bool) -> None:
-        from .slice_labels import default_prompts
-
-        normal, abnormal = default_prompts(self.prompt)
         if resume and self.folder.is_run() and self.options.classifier == "auto":  # the backbone it started with
             self.options = replace(self.options, classifier=self.folder.config()["options"].get("classifier",
                                                                                                  "resnet50"))
         self.classifier_auto = self.options.classifier == "auto"
         backbone, weights = classifier_choice(self.options)
         self.options = replace(self.options, classifier=backbone, classifier_weights=weights)
-        config = {"cohort": self.cohort, "prompt": self.prompt, "options": asdict(self.options),
-                  "normal_prompt": self.options.normal_prompt or normal,
-                  "abnormal_prompt": self.options.abnormal_prompt or abnormal,
-                  "held_out_cases": [case.case_id for case in self.held_out],
-                  "labels_used_for_training": False,
-                  "deviations": [f"{name}: {text}" for name, text in deviations.COHORT.items()],
-                  "world_size": distributed.world_size(),
-                  "clisc_version": __version__}
-        if backbone in deviations.CLASSIFIER_BACKBONE:
-            config["deviations"].append(deviations.CLASSIFIER_BACKBONE[backbone])
-        if weights is None:
-            config["deviations"].append(deviations.RANDOM_CLASSIFIER)
+        config = run_config(self.cohort, self.prompt, self.options, self.held_out)
         if self.folder.is_run() and not resume:
             raise InputError(f"{self.folder.path} holds a run already; pass --resume to continue it, or choose "
                              "another --out folder")
         if resume and self.folder.is_run():
-            changed = _changed_settings(self.folder.config(), config)
+            changed = changed_settings(self.folder.config(), config)
             if changed:
                 raise InputError(f"{self.folder.path}: cannot resume with different settings ({', '.join(changed)}); "
                                  "use the original ones or a new --out folder")
-        self._check_models()
+        check_models(self.options, (self._clip is None, self._sam is None, self._build_classifier is None),
+                     self.download, lambda stage, done, total, *_, **__: self.report(stage, done, total))
         if self.options.labels and not label_paths(self.options.labels, [case.case_id for case in self.cases]):
             raise InputError(f"--labels {self.options.labels}: no label file matches a case id of the cohort "
                              f"(e.g. {self.cases[0].case_id})")
@@ -142,18 +106,6 @@ class CohortRun:
         self.normal_prompt, self.abnormal_prompt = config["normal_prompt"], config["abnormal_prompt"]
         self._log_handler = logging.FileHandler(self.folder.log_file(distributed.rank()))
         self._log_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s: %(message)s"))
-
-    def _check_models(self) -> None:
-        """Before any work: check the models to load, and download the missing ones or name them all."""
-        from ..models.first_use import prepare_models
-
-        models = [(self.options.clip, "clip")] if self._clip is None else []
-        models += [(self.options.sam, "sam")] if self._sam is None else []
-        if self.options.classifier_weights and self._build_classifier is None:
-            models.append((self.options.classifier_weights, "classifier"))
-        no_download = ("downloads are off (--no-download)" if not self.download else
-                       "under torchrun every process would download it" if distributed.world_size() > 1 else None)
-        prepare_models(models, no_download, lambda stage, done, total, *_, **__: self.report(stage, done, total))
 
     def _mark_done(self, step: str) -> None:
         distributed.barrier()
@@ -444,23 +396,8 @@ class CohortRun:
     def _finish(self) -> None:
         """unet/final.pt (the last round's model) and the loss curves."""
         if distributed.is_main():
-            self._write_final()
+            write_final_model(self.folder, self.options.s3f_rounds)
         distributed.barrier()
-
-    def _write_final(self) -> None:
-        from .unet import save_checkpoint
-
-        last = self.options.s3f_rounds
-        rounds = [self.folder.unet_round(r) / "last.pt" for r in range(last + 1)]
-        state = torch.load(rounds[-1], map_location="cpu", weights_only=True)
-        save_checkpoint(self.folder.final_model, {"model": state["model"], "round": last})
-        checkpoints = {"classifier/classifier": self.folder.classifier(amda=False),
-                       "classifier/classifier_amda": self.folder.classifier(amda=True),
-                       **{f"unet/round{r}": path for r, path in enumerate(rounds)}}
-        losses = {name: torch.load(path, map_location="cpu", weights_only=True)["losses"]
-                  for name, path in checkpoints.items()}
-        self.folder.write_json(self.folder.file("losses.json"), losses)
-        plot_losses(losses, self.folder.file("loss_curves.png"))
 
     # Predictions and evaluation (labels read here only)
     def _predict(self, step: str, items: list[StoredCase]) -> None:
@@ -490,54 +427,11 @@ class CohortRun:
         return metrics
 
     def _summary(self, loaded: list[StoredCase], held_out: list[StoredCase], metrics: Optional[dict]) -> dict:
-        model = self.folder.final_model
-        summary = {"run_dir": str(self.folder.path), "cases": len(self.cases), "loaded": len(loaded),
-                   "skipped": self.folder.skipped(), "model": str(model) if model.is_file() else None,
-                   "empty_pseudo_labels": self.empty_pseudo_labels}
-        if self.stopped:
-            summary["stopped"] = self.stopped
-        if metrics is not None:
-            summary["training_cohort"] = means(metrics["training_cohort"])
-        if self.held_out:
-            summary["held_out"] = {"cases": [case.case_id for case in self.held_out], "predicted": len(held_out)}
-            if metrics is not None:
-                summary["held_out"].update(means(metrics["held_out"]))
-            elif held_out:
-                summary["held_out"]["note"] = ("not scored: no --labels (`clisc evaluate RUN_DIR LABELS --cases "
-                                               "HOLDOUT_FILE` scores them)")
+        summary = run_summary(self.folder, len(self.cases), len(loaded), [case.case_id for case in self.held_out],
+                              len(held_out), self.empty_pseudo_labels, self.stopped, metrics)
         if distributed.is_main():
             self.folder.write_json(self.folder.file("summary.json"), summary)
         return summary
-
-
-def _changed_settings(saved: dict, config: dict) -> list[str]:
-    """What differs between a run's saved config.json and the config of its resumption, in words."""
-    changed = [key for key in ("cohort", "prompt", "normal_prompt", "abnormal_prompt") if saved[key] != config[key]]
-    saved_options = {"classifier": "resnet50", **saved["options"]}  # runs from before the choice were ResNet-50
-    changed += [f"--{key.replace('_', '-')}" for key, value in config["options"].items()
-                if key not in RESUMABLE_CHANGES and saved_options.get(key) != value]
-    if saved.get("held_out_cases", []) != config["held_out_cases"]:
-        changed.append("the cases --holdout-split lists")
-    return changed
-
-
-def held_out_cases(holdout_split: str | Path, cases: list[Case]) -> list[Case]:
-    """The cases that the file ``holdout_split`` lists (case ids, as `read_case_list` reads them).
-
-    Raises:
-        InputError: the file is missing or lists no id, lists an id that is not a case of ``cases``, or lists
-            every case (nothing would be left to train on).
-    """
-    ids = set(read_case_list(Path(holdout_split), "--holdout-split"))
-    known = [case.case_id for case in cases]
-    unknown = sorted(ids - set(known))
-    if unknown:
-        raise InputError(f"--holdout-split {holdout_split}: not case ids of the cohort: {', '.join(unknown[:5])}"
-                         f"{' ...' if len(unknown) > 5 else ''} (its case ids are e.g. {', '.join(known[:5])})")
-    if len(ids) == len(known):
-        raise InputError(f"--holdout-split {holdout_split} lists every case of the cohort: nothing is left to "
-                         "train on")
-    return [case for case in cases if case.case_id in ids]
 
 
 def run_cohort(cohort: str | Path, prompt: str, out_dir: str | Path, options: Optional[CohortOptions] = None,
