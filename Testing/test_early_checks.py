@@ -121,7 +121,8 @@ def test_relevance_settings_are_named_by_their_flags(clisc_home, no_model_loads,
 
 @pytest.mark.parametrize("preset, said, not_said", [
     ("accurate", "--preset fast is quicker", "minutes"),
-    ("fast", "even with --preset fast", "--preset fast is quicker"),
+    ("fast", "--preset fast is made for it", "--preset fast is quicker"),
+    ("fast --mode every-slice", "even with --preset fast", "--preset fast is quicker"),
 ])
 def test_the_cpu_warning_fits_the_preset_and_promises_no_time(models, image, monkeypatch, caplog, preset, said,
                                                               not_said):
@@ -137,7 +138,7 @@ def test_the_cpu_warning_fits_the_preset_and_promises_no_time(models, image, mon
     monkeypatch.setattr(zeroshot, "ZeroShotSegmenter", Interrupted)
     clip, sam = models
     with caplog.at_level(logging.WARNING):
-        assert segment(image, "--clip", clip, "--sam", sam, "--preset", preset) == 130
+        assert segment(image, "--clip", clip, "--sam", sam, "--preset", *preset.split()) == 130
     warning = next(r.getMessage() for r in caplog.records if "running on the CPU" in r.getMessage())
     assert said in warning and not_said not in warning and "a CUDA GPU" in warning
 

@@ -17,7 +17,8 @@ import importlib.util
 import numpy as np
 import pytest
 
-from clisc.errors import InputError
+from clisc.errors import Cancelled, InputError
+from clisc.progress import CancelToken
 from clisc.refine import EmbeddingCache, Refiner, bounding_box, dice, edited_box, interior_point, slice_point
 from clisc.volume import Volume
 from conftest import shared_data
@@ -119,6 +120,55 @@ def test_propagation_from_an_empty_slice_changes_nothing_and_says_so(tiny_segmen
     result = refiner.propagate(mask, 0, "both")
     assert "empty" in result.message and result.reports == {} and result.changed_slices == []
     np.testing.assert_array_equal(result.mask, mask)
+
+
+def test_propagation_reports_progress_per_slice_and_stops_on_cancel(tiny_segmenter):
+    """With no stop rule (thresholds off) and max_slices 2 from slice 2 of 6 slices, "both" may visit 2 up (3, 4) and
+    2 down (1, 0): progress counts them 0..4 of 4, naming each slice, and ends at 4 of 4. A cancel raised after the
+    first slice leaves the caller's mask as it was."""
+    volume, mask = small_case()
+    original = mask.copy()
+    refiner = Refiner(tiny_segmenter, volume, axis=0, min_iou=-1.0, min_overlap=0.0)
+    calls = []
+    refiner.propagate(mask, 2, "both", max_slices=2, progress=lambda *args, **fields: calls.append(args))
+    assert calls == [("SAM propagation", 0, 4, "slice 3"), ("SAM propagation", 1, 4, "slice 4"),
+                     ("SAM propagation", 2, 4, "slice 1"), ("SAM propagation", 3, 4, "slice 0"),
+                     ("SAM propagation", 4, 4, "")]
+    token = CancelToken()
+
+    def cancel_after_the_first(stage, done, total, message="", **fields):
+        if done == 1:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        Refiner(tiny_segmenter, volume, axis=0, min_iou=-1.0, min_overlap=0.0).propagate(
+            mask, 2, "both", progress=cancel_after_the_first, cancel=token)
+    np.testing.assert_array_equal(mask, original)
+
+
+class FixedIouSegmenter:
+    """The tiny segmenter with SAM's predicted IoU replaced by ``iou``."""
+
+    def __init__(self, segmenter, iou: float) -> None:
+        self._segmenter, self.iou = segmenter, iou
+
+    def __getattr__(self, name):
+        return getattr(self._segmenter, name)
+
+    def predict_logits(self, *args, **kwargs):
+        prediction = self._segmenter.predict_logits(*args, **kwargs)
+        prediction.iou = self.iou
+        prediction.mask[...] = False
+        prediction.mask[12:28, 14:34] = True  # a mask always accepted by the overlap rule
+        return prediction
+
+
+def test_the_stop_message_never_prints_a_value_that_reads_as_the_threshold(tiny_segmenter):
+    """Issue 19: "SAM's predicted IoU 0.30 < 0.3" read as a contradiction; 0.2999 must print as 0.2999."""
+    volume, mask = small_case()
+    refiner = Refiner(FixedIouSegmenter(tiny_segmenter, 0.2999), volume, axis=0, min_iou=0.3)
+    report = refiner.propagate(mask, 2, "up").reports["up"]
+    assert report.reason == "SAM's predicted IoU 0.2999 < 0.3" and report.stopped_at == 3
 
 
 def test_bad_points_slices_boxes_and_grids_are_refused_with_the_fix(tiny_segmenter):

@@ -121,6 +121,21 @@ def test_cache_key_follows_the_weights_the_runtime_version_and_the_shape(clisc_h
     assert entry_folder("conv", module, (1, 3, 8, 8), "openvino", "1.0") != folder
 
 
+def test_cache_key_follows_the_code_of_the_module(clisc_home, tmp_path, monkeypatch):
+    """An export is of the module's code too: editing the source file of a class it is built of gives another
+    entry (else a kept export, and its kept probe outputs, would outlive the code they came from)."""
+    import importlib
+
+    source = tmp_path / "probe_module.py"
+    source.write_text("import torch\nclass Doubled(torch.nn.Conv2d):\n    def forward(self, x):\n"
+                      "        return 2 * super().forward(x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    module = importlib.import_module("probe_module").Doubled(3, 4, 3)
+    folder = entry_folder("conv", module, (1, 3, 8, 8), "openvino", "1.0")
+    source.write_text(source.read_text().replace("2 *", "3 *"))
+    assert entry_folder("conv", module, (1, 3, 8, 8), "openvino", "1.0") != folder
+
+
 def test_an_entry_is_whole_or_absent_and_checked_before_use(clisc_home):
     folder = clisc_home / "runtimes" / "entry"
 
@@ -192,6 +207,25 @@ def test_a_runtime_that_disagrees_with_torch_is_not_used(runtime, clisc_home, mo
     assert forward.runtime == "torch" and "disagreed" in forward.describe()["note"]
     with torch.no_grad():
         assert torch.equal(forward(example)[0], module(example))
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_a_later_run_checks_the_export_against_the_kept_probe_without_a_torch_forward(runtime, clisc_home,
+                                                                                        monkeypatch):
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GELU()).eval()
+    example = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert module_forward(module, example, runtime, CPU, None, "conv").describe()["exported_now"]
+    forwards_run = []
+    module.register_forward_hook(lambda *args: forwards_run.append(1))
+    again = module_forward(module, example, runtime, CPU, None, "conv")
+    assert again.runtime == runtime and not again.describe()["exported_now"] and forwards_run == []
+    other_probe = module_forward(module, example + 1, runtime, CPU, None, "conv")  # not the kept probe: computed
+    assert other_probe.runtime == runtime and forwards_run == [1]
+    loader = "_load_openvino" if runtime == "openvino" else "_load_onnxruntime"
+    real = getattr(forwards, loader)
+    monkeypatch.setattr(forwards, loader, lambda folder, dtype: (lambda x: [y * 1.01 for y in real(folder, dtype)(x)]))
+    refused = module_forward(module, example, runtime, CPU, None, "conv")  # checked against the kept outputs
+    assert refused.runtime == "torch" and "disagreed" in refused.describe()["note"]
 
 
 @pytest.mark.parametrize("runtime", EXPORTED)

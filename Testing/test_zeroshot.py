@@ -18,6 +18,7 @@ from conftest import shared_data
 from scipy.ndimage import gaussian_filter
 from test_volume_io import GEOMETRIES, mask_points_lps, values_at
 
+from clisc.embeddings import EmbeddingCache, SliceEmbeddings
 from clisc.errors import Cancelled, InputError
 from clisc.models.loaders import load_clip
 from clisc.models.random_weights import TINY_CLIP_CONFIG, save_random_clip, tiny_sam
@@ -195,7 +196,7 @@ def test_end_to_end_with_tiny_real_models(tiny_models, saliency, prompt_type):
         assert 0 <= saliency_map.min() and saliency_map.max() <= 1 and saliency_map.max() > 0
     report = result.report
     assert report["slices_embedded"] == 4  # both prompts share the 4 slice embeddings
-    assert set(report["seconds"]) == {"relevance", "saliency", "sam"}
+    assert set(report["seconds"]) == {"relevance", "saliency", "sam", "propagation"}
     assert report["options"]["saliency"] == saliency
     assert {"saliency", "SAM"} <= set(stages)
     again = ZeroShotSegmenter(options, *tiny_models).segment(volume, ["brain tumor", "edema"])
@@ -400,8 +401,9 @@ def test_sam_masks_embed_each_prompted_slice_once_for_all_prompts():
     box = SamPrompt(np.array([[1.0, 2.0, 3.0, 4.0]]), None, None, 1)
     prompts = {0: {0: box, 1: box}, 2: {1: box}, 3: {0: box}}
     sam, reported = BoxSam(), []
-    masks = sam_masks(sam, slices, prompts, 2, lambda *args: reported.append(args), CancelToken())
-    assert sam.batches == [2, 1]
+    embeddings = SliceEmbeddings(sam, slices, 0, EmbeddingCache())
+    masks = sam_masks(embeddings, prompts, 2, lambda *args: reported.append(args), CancelToken())
+    assert sam.batches == [2, 1] and embeddings.computed == 3
     assert masks.shape == (2, 5, 8, 8)
     assert [np.flatnonzero(m.any(axis=(1, 2))).tolist() for m in masks] == [[0, 3], [0, 2]]
     assert masks[0, 0].sum() == 2 * 2 and masks[0, 0, 2:4, 1:3].all()

@@ -100,14 +100,15 @@ def _segment(args: argparse.Namespace) -> None:
         components=args.components, box_per_component=args.box_per_component, keep_3d=args.keep_3d,
         prompt_type=args.prompt_type, relevance_threshold=args.relevance_threshold,
         relevance_smoothing=args.relevance_smoothing, axis=args.axis, device=args.device, slices=args.slices,
-        seed=args.seed, runtime=args.runtime,
+        seed=args.seed, mode=args.mode, runtime=args.runtime,
         negative_prompts=tuple(check_prompts(args.negative_prompt)) if args.negative_prompt else None)
     volume = read_volume(args.input, series_uid=args.series)
     check_options(volume, options)
     _prepare_models(args, [(options.clip, "clip"), (options.sam, "sam")])
     segmenter = ZeroShotSegmenter(options)
     if segmenter.device.type == "cpu":
-        logger.warning(CPU_WARNINGS[args.preset])
+        logger.warning(CPU_WARNINGS["fast every-slice" if args.preset == "fast" and options.mode != "seeded"
+                                    else args.preset])
     progress = TqdmProgress()
     try:
         result = segmenter.segment(volume, prompts, progress=progress)
@@ -129,8 +130,11 @@ def _segment(args: argparse.Namespace) -> None:
 CPU_WARNINGS = {  # no figure: the time depends on the CPU, the volume and how many slices show the target
     "accurate": "running on the CPU, which is slow for this method: --preset fast is quicker, a CUDA GPU much "
                 "quicker (README: Accuracy and speed)",
-    "fast": "running on the CPU, which is slow for this method even with --preset fast: a CUDA GPU is much "
-            "quicker (README: Accuracy and speed)",
+    "fast": "running on the CPU: --preset fast is made for it (M2IB on a few seed slices, SAM propagation between "
+            "them), a CUDA GPU is still much quicker (README: Accuracy and speed)",
+    "fast every-slice": "running on the CPU, which is slow for this method even with --preset fast (--mode "
+                        "every-slice: M2IB on every selected slice): a CUDA GPU is much quicker (README: Accuracy and "
+                        "speed)",
 }
 
 
@@ -252,8 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--negative-prompt", action="append", metavar="TEXT",
                          help="what the target is not (replaces the default negative ensemble; repeatable)")
     segment.add_argument("--preset", choices=["accurate", "fast"], default="accurate",
-                         help="accurate: the papers' defaults in float32 (SAM vit_b); fast: the same M2IB saliency, with CLIP "
-                              "and the SAM image encoder in bfloat16, and LiteMedSAM as the SAM (quicker on a CPU)")
+                         help="accurate: the papers' defaults in float32 (SAM vit_b); fast: the same M2IB saliency on a few "
+                              "seed slices (--mode seeded), CLIP and the SAM image encoder in bfloat16, and LiteMedSAM "
+                              "as the SAM (for a CPU)")
+    segment.add_argument("--mode", choices=["every-slice", "seeded"],
+                         help="every-slice: a saliency map and SAM box on every selected slice (the papers' method); "
+                              "seeded: on a few seed slices, SAM propagation between them (a tumour or one organ; "
+                              "other targets get every slice). Default: the preset's (accurate every-slice, fast "
+                              "seeded)")
     segment.add_argument("--clip", metavar="NAME|DIR", help="CLIP: catalogue name or open_clip folder")
     segment.add_argument("--sam", metavar="NAME|FILE",
                          help="SAM: catalogue name (litemedsam, sam_vit_b, ...) or checkpoint file")

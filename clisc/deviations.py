@@ -24,6 +24,8 @@ SLICE_GATE = ("slice-relevance gate (--slices auto): our addition, in neither pa
               "and slices at or above the threshold are segmented")
 GSCORECAM = ("gScoreCAM's softmax runs over the kept top-k channels only (the reference gives the unkept ones score "
              "0 inside the softmax, which lets them dominate when logits are small)")
+SEEDED = ("seeded mode (--mode seeded): our addition, in neither paper; a saliency map and its SAM box on a few seed "
+          "slices only, the other slices by SAM propagation from the seeds (the previous slice's box and logits)")
 BOX_ONLY_SAM = ("a box-trained SAM (LiteMedSAM) gets the box alone when a prompt has box and points: points beside "
                 "the box lowered its Dice (README, Accuracy and speed)")
 

@@ -69,6 +69,12 @@ class SliceSam(Protocol):
         """Mask (H, W) bool of one slice, ``image_shape`` (H, W), from its embedding and prompt (pixel
         coordinates, `clisc.prompts`)."""
 
+    def predict_logits(self, embedding: torch.Tensor, image_shape: tuple, points=None, labels=None, box=None,
+                       mask_input=None, multimask=None):
+        """One slice's `clisc.sam.SlicePrediction` (mask, SAM's low-resolution logits, predicted IoU) from its
+        embedding, points, labels, one box and an earlier prediction's logits: what refinement and the seeded
+        mode's propagation use (`clisc.propagation`)."""
+
 
 class SliceClassifier(Protocol):
     """The cohort's slice classifier (`clisc.cohort.classifier.build_classifier`: an ImageNet CNN), a torch module.

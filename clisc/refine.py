@@ -14,75 +14,42 @@ Conventions:
 The image SAM sees is the volume windowed by `clisc.zeroshot.percentile_window_uint8` (the zero-shot
 pipeline's view), or a uint8 view the caller gives, as 3 equal channels; `SliceSegmenter` does each model's own
 pre-processing. Embeddings are cached per slice in an `EmbeddingCache` (least recently used dropped first).
+Propagation is `clisc.propagation`'s, which the zero-shot pipeline's seeded mode uses too.
 """
 from __future__ import annotations
 
 import logging
-import zlib
-from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Union
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from scipy import ndimage
 
+from .embeddings import DEFAULT_CACHE_SLICES, EmbeddingCache, SliceEmbeddings
 from .errors import InputError
+from .progress import CancelToken, ProgressCallback, no_progress
+from .propagation import (
+    MIN_IOU,
+    MIN_OVERLAP,
+    DirectionReport,
+    Propagation,
+    Propagator,
+    bounding_box,
+    dice,
+    interior_point,
+)
 from .volume import Volume, slice_point  # noqa: F401 (slice_point is part of this module's API too)
 
 logger = logging.getLogger(__name__)
 
-# 64 slices: 64 × 4 MiB = 256 MiB for SAM, MedSAM and LiteMedSAM alike (every embedding is 256 × 64 × 64 float32).
-DEFAULT_CACHE_SLICES = 64
+__all__ = ["DEFAULT_CACHE_SLICES", "DirectionReport", "EmbeddingCache", "Propagation", "Refiner", "SliceRefinement",
+           "bounding_box", "dice", "edited_box", "interior_point", "propagate", "refine_slice", "simulated_click",
+           "slice_point"]
+
 PROMPT_MODES = ("box+points", "box", "points")
 MASK_INPUTS = ("mask", "previous", "none")
 DIRECTIONS = ("up", "down", "both")  # up: increasing slice index
-
-
-class EmbeddingCache:
-    """SAM image embeddings (256, 64, 64) float32, kept on the CPU, least recently used dropped first.
-
-    Args:
-        max_slices: how many embeddings are kept: ``max_slices`` × 4 MiB (1 MiB = 2**20 bytes) at most.
-    """
-
-    EMBEDDING_MIB = 256 * 64 * 64 * 4 / 2 ** 20  # 4.0
-
-    def __init__(self, max_slices: int = DEFAULT_CACHE_SLICES) -> None:
-        if max_slices < 1:
-            raise InputError(f"the embedding cache must hold at least one slice (got {max_slices})")
-        self.max_slices = max_slices
-        self._items: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
-        self.hits = self.misses = 0
-
-    @property
-    def max_mib(self) -> float:
-        return self.max_slices * self.EMBEDDING_MIB
-
-    @property
-    def mib(self) -> float:
-        return sum(t.numel() * t.element_size() for t in self._items.values()) / 2 ** 20
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __contains__(self, key: tuple) -> bool:
-        return key in self._items
-
-    def get(self, key: tuple) -> Optional[torch.Tensor]:
-        embedding = self._items.get(key)
-        if embedding is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._items.move_to_end(key)
-        return embedding
-
-    def put(self, key: tuple, embedding: torch.Tensor) -> None:
-        self._items[key] = embedding.detach().to("cpu", torch.float32)
-        self._items.move_to_end(key)
-        while len(self._items) > self.max_slices:
-            self._items.popitem(last=False)
 
 
 @dataclass
@@ -96,67 +63,6 @@ class SliceRefinement:
     mask: np.ndarray
     iou: float
     prompt: dict
-
-
-@dataclass
-class DirectionReport:
-    """One direction of a propagation. ``first``..``last``: the slices it rewrote (inclusive, in the order
-    visited; None when it rewrote none). ``stopped_at``: the slice whose prediction was refused, or None at the
-    end of the volume or of ``max_slices``. ``reason``: why it stopped, in words. ``ious`` and ``overlaps``:
-    SAM's predicted IoU and the Dice with the previous slice's mask of every slice visited (the refused one
-    last)."""
-
-    direction: str
-    first: Optional[int] = None
-    last: Optional[int] = None
-    stopped_at: Optional[int] = None
-    reason: str = ""
-    ious: List[float] = field(default_factory=list)
-    overlaps: List[float] = field(default_factory=list)
-
-
-@dataclass
-class Propagation:
-    """The result of `Refiner.propagate`: ``mask`` (K, J, I) bool, the input mask with the rewritten slices
-    replaced; ``reports`` per direction ("up", "down"); ``message`` a one-line summary."""
-
-    mask: np.ndarray
-    axis: int
-    start: int
-    reports: Dict[str, DirectionReport]
-    message: str
-
-    @property
-    def changed_slices(self) -> List[int]:
-        """Every slice index propagation rewrote (the start slice is never rewritten)."""
-        indices = []
-        for report in self.reports.values():
-            if report.first is not None:
-                low, high = sorted((report.first, report.last))
-                indices.extend(range(low, high + 1))
-        return sorted(indices)
-
-
-def bounding_box(mask: np.ndarray) -> Optional[np.ndarray]:
-    """(4,) x0, y0, x1, y1 (inclusive) of a 2D mask; None when it is empty."""
-    rows, cols = np.nonzero(mask)
-    if rows.size == 0:
-        return None
-    return np.array([cols.min(), rows.min(), cols.max(), rows.max()], dtype=float)
-
-
-def interior_point(mask: np.ndarray) -> np.ndarray:
-    """(x, y) of the pixel of a non-empty 2D mask farthest from its edge (the maximum of its distance
-    transform; the image border counts as edge)."""
-    distance = ndimage.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
-    row, col = np.unravel_index(int(np.argmax(distance)), mask.shape)
-    return np.array([col, row], dtype=float)
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean arrays; 1 when both are empty."""
-    total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
 def simulated_click(truth: np.ndarray, prediction: np.ndarray) -> Optional[tuple]:
@@ -233,8 +139,8 @@ class Refiner:
     """
 
     def __init__(self, segmenter, volume: Volume, axis: Optional[int] = None, cache: Optional[EmbeddingCache] = None,
-                 prompt_mode: str = "box+points", mask_input: str = "mask", min_iou: float = 0.5,
-                 min_overlap: float = 0.3, view: Optional[np.ndarray] = None) -> None:
+                 prompt_mode: str = "box+points", mask_input: str = "mask", min_iou: float = MIN_IOU,
+                 min_overlap: float = MIN_OVERLAP, view: Optional[np.ndarray] = None) -> None:
         from .zeroshot import percentile_window_uint8
 
         if prompt_mode not in PROMPT_MODES:
@@ -255,11 +161,8 @@ class Refiner:
         elif view.shape != volume.array.shape or view.dtype != np.uint8:
             raise InputError(f"the view must be uint8 of the volume's shape {volume.array.shape}, got {view.dtype} "
                              f"{view.shape}")
-        self._images = np.moveaxis(view, self.axis, 0)  # (N, rows, columns) uint8
-        # Embeddings are keyed by the SAM and what it sees, so Refiners of one image (and view) share a cache
-        # safely, and so do Refiners of different SAMs. The key holds the segmenter itself: a cache entry keeps
-        # it alive, so its identity is never reused for another model.
-        self._key = (segmenter, self.axis, view.shape, zlib.crc32(np.ascontiguousarray(view)))
+        self._embeddings = SliceEmbeddings(segmenter, view, self.axis, self.cache)
+        self._images = self._embeddings.slices  # (N, rows, columns) uint8
         self._logits: Dict[int, tuple] = {}  # slice -> (low-res logits, the slice mask they gave)
         self._base_box: Dict[int, Optional[np.ndarray]] = {}  # slice -> its box before the current clicks
 
@@ -273,12 +176,7 @@ class Refiner:
 
     def embedding(self, index: int) -> torch.Tensor:
         """Slice ``index``'s embedding (256, 64, 64): from the cache, or one encoder pass (then cached)."""
-        key = self._key + (int(index),)
-        embedding = self.cache.get(key)
-        if embedding is None:
-            embedding = self.segmenter.embed(np.repeat(self._images[index][None, ..., None], 3, axis=-1))[0]
-            self.cache.put(key, embedding)
-        return embedding
+        return self._embeddings[index]
 
     # ---- input checks ------------------------------------------------------------------------------------------
 
@@ -398,10 +296,11 @@ class Refiner:
     # ---- propagation -------------------------------------------------------------------------------------------
 
     def propagate(self, mask: Union[np.ndarray, Volume], index: int, direction: str = "both",
-                  max_slices: Optional[int] = None, use_points: Optional[bool] = None) -> Propagation:
+                  max_slices: Optional[int] = None, use_points: Optional[bool] = None,
+                  progress: ProgressCallback = no_progress, cancel: Optional[CancelToken] = None) -> Propagation:
         """Carry slice ``index``'s mask to its neighbours, one slice at a time, until SAM's predicted IoU falls
         below ``min_iou``, the Dice with the previous slice's mask below ``min_overlap``, the prediction is
-        empty, the volume ends, or ``max_slices`` slices were rewritten.
+        empty, the volume ends, or ``max_slices`` slices were rewritten (`clisc.propagation.Propagator`).
 
         Each next slice is prompted with the box of the previous slice's mask; with ``use_points`` also a
         positive point at its centroid (at its most interior pixel when the centroid falls outside it) and a
@@ -416,83 +315,57 @@ class Refiner:
 
         ``direction``: "up" (increasing index), "down" or "both". The start slice and every slice beyond the
         stop are left as they are. From an empty slice nothing changes and the message says so.
+        ``progress("SAM propagation", slices visited, slices it may visit, "slice N")`` is called before each slice
+        and once at the end; ``cancel`` is checked before each slice (then `clisc.errors.Cancelled` is raised and
+        nothing is returned: the caller's mask is never modified anyway).
         """
         mask = self.check_mask(mask)
         index = self.check_index(index)
         if direction not in DIRECTIONS:
             raise InputError(f"unknown direction {direction!r}; use up (increasing slice index), down or both")
+        if max_slices is not None and max_slices < 0:
+            raise InputError(f"max_slices {max_slices}: use 0 or more (or None for no limit)")
         use_points = (not self.segmenter.box_prompts_only) if use_points is None else use_points
+        cancel = cancel or CancelToken()
         result = mask.copy()
         start = self.slice_of(mask, index)
         if not start.any():
             message = f"slice {index} is empty: nothing to propagate (draw or refine the segment on it first)"
             logger.info(message)
             return Propagation(result, self.axis, index, {}, message)
-        reports = {}
+        logits = self._logits.get(index)
+        logits = logits[0] if logits is not None and np.array_equal(logits[1], start) else None
+        propagator = Propagator(self.segmenter, self._embeddings, self.min_iou, self.min_overlap, use_points,
+                                self.mask_input != "none")
+        limits = {}
         for name in (("up", "down") if direction == "both" else (direction,)):
-            reports[name] = self._propagate_one_way(result, index, +1 if name == "up" else -1, name, max_slices,
-                                                    use_points)
+            end = self.slice_count - 1 if name == "up" else 0
+            last = end if max_slices is None else (min(end, index + max_slices) if name == "up"
+                                                   else max(end, index - max_slices))
+            limits[name] = (last, "reached the end of the volume" if last == end
+                            else f"rewrote max_slices = {max_slices} slices")
+        total = sum(abs(last - index) for last, _ in limits.values())
+        visited = 0
+
+        def visit(target: int) -> None:
+            nonlocal visited
+            cancel.raise_if_cancelled()
+            progress("SAM propagation", visited, total, f"slice {target}")
+            visited += 1
+
+        def write(target: int, prediction) -> None:
+            self.slice_of(result, target)[...] = prediction.mask
+            self._logits[target] = (prediction.low_res_logits, prediction.mask)
+
+        reports = {}
+        for name, (last, reason) in limits.items():
+            front = propagator.start(name, index, start, logits)
+            propagator.advance(front, last, reason, write, visit)
+            reports[name] = front.report
+        progress("SAM propagation", total, total, "")
         message = "; ".join(f"{r.direction}: " + (f"slices {r.first}..{r.last}" if r.first is not None
                                                   else "no slice") + f" ({r.reason})" for r in reports.values())
         return Propagation(result, self.axis, index, reports, message)
-
-    def _propagate_one_way(self, result: np.ndarray, index: int, step: int, name: str, max_slices: Optional[int],
-                           use_points: bool) -> DirectionReport:
-        report = DirectionReport(name)
-        previous = self.slice_of(result, index).copy()
-        before = None
-        logits = self._logits.get(index)
-        logits = logits[0] if logits is not None and np.array_equal(logits[1], previous) else None
-        target = index + step
-        while True:
-            if not 0 <= target < self.slice_count:
-                report.reason = "reached the end of the volume"
-                break
-            if max_slices is not None and abs(target - index) > max_slices:
-                report.reason = f"rewrote max_slices = {max_slices} slices"
-                break
-            points = labels = None
-            if use_points:
-                points, labels = self._propagation_points(previous, before)
-            prediction = self.segmenter.predict_logits(
-                self.embedding(target), self.slice_shape, points=points, labels=labels, box=bounding_box(previous),
-                mask_input=logits if self.mask_input != "none" else None, multimask=False)
-            overlap = dice(prediction.mask, previous)
-            report.ious.append(round(prediction.iou, 4))
-            report.overlaps.append(round(overlap, 4))
-            if not prediction.mask.any():
-                report.stopped_at, report.reason = target, "SAM's mask is empty"
-                break
-            if prediction.iou < self.min_iou:
-                report.stopped_at = target
-                report.reason = f"SAM's predicted IoU {prediction.iou:.2f} < {self.min_iou}"
-                break
-            if overlap < self.min_overlap:
-                report.stopped_at = target
-                report.reason = f"Dice with the previous slice {overlap:.2f} < {self.min_overlap}"
-                break
-            self.slice_of(result, target)[...] = prediction.mask
-            self._logits[target] = (prediction.low_res_logits, prediction.mask)
-            report.first = target if report.first is None else report.first
-            report.last = target
-            before, previous, logits = previous, prediction.mask, prediction.low_res_logits
-            target += step
-        return report
-
-    @staticmethod
-    def _propagation_points(previous: np.ndarray, before: Optional[np.ndarray]) -> tuple:
-        centroid = np.array(ndimage.center_of_mass(previous))[::-1]
-        col, row = np.round(centroid).astype(int)
-        point = centroid if previous[row, col] else interior_point(previous)
-        points, labels = [point], [1]
-        if before is not None:
-            shrunk = before & ~previous
-            if shrunk.any():
-                components, count = ndimage.label(shrunk)
-                largest = components == 1 + int(np.argmax(np.bincount(components.ravel())[1:]))
-                points.append(interior_point(largest))
-                labels.append(0)
-        return np.array(points), np.array(labels)
 
 
 def propagate(volume: Volume, mask: Union[np.ndarray, Volume], index: int, direction: str, segmenter,

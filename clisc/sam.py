@@ -19,7 +19,7 @@ import torch
 from .components import largest_components
 from .models.sam_builders import box_prompts_only, takes_min_max_input
 from .prompts import SamPrompt
-from .runtime import module_forward
+from .runtime import choose_runtime, module_forward
 from .sam_speed import accelerate_image_encoder
 from .torchvision_compat import import_torchvision
 
@@ -50,7 +50,9 @@ class SliceSegmenter:
             bfloat16 on CUDA) or None for full precision. The light prompt encoder and mask decoder always
             run in float32.
         batch_size: slices per encoder forward pass; halved on a CUDA out-of-memory error, and at one slice
-            SAM moves to the CPU.
+            SAM moves to the CPU. 1 when the encoder runs in an exported runtime, which takes one slice at a time
+            (`clisc.runtime`): a larger batch would gain nothing there, and propagation would embed slices past
+            its stop in vain.
         runtime: where LiteMedSAM's image encoder runs on the CPU (`clisc.runtime.RUNTIMES`); SAM's ViT
             encoders always run in PyTorch, with their fused CPU attention (`clisc.sam_speed`).
     """
@@ -69,6 +71,8 @@ class SliceSegmenter:
         self.min_max_input = takes_min_max_input(sam)
         self.box_prompts_only = box_prompts_only(sam)
         self.runtime = runtime if self.min_max_input else "torch"
+        if choose_runtime(self.runtime, self.device) != "torch":
+            self.batch_size = 1
         self._encoder = None  # the encoder's forward in the runtime, built on first use
 
     def embed(self, images: np.ndarray) -> torch.Tensor:

@@ -1,16 +1,18 @@
 """Exported copies of torch modules for a CPU runtime, cached in ``$CLISC_HOME/runtimes/``.
 
 An entry is a folder named by everything its files depend on: the sha256 of the module's weights (its state dict,
-in order), the module's class, the input shape, the runtime and its version, torch's version and `EXPORT_FORMAT`.
-It holds the runtime's model files and ``entry.json`` (each file's sha256 and the export's seconds). An entry is
-written in a temporary folder beside its place and renamed into it whole, so an interrupted or concurrent
-export never leaves half an entry. `read_entry` checks every file's sha256 before use; the caller then checks
-the runtime's outputs against the module's own (`clisc.runtime.forwards`), so a cached file is never trusted
-on its name alone.
+in order), the module's class and the source files of every class it is built of (`code_sha256`), the input
+shape, the runtime and its version, torch's version and `EXPORT_FORMAT`. It holds the runtime's model files, the
+module's own float32 outputs on the probe input (``probe.npz``, so that a later run checks the runtime without a
+PyTorch forward) and ``entry.json`` (each file's sha256 and the export's seconds). An entry is written in a
+temporary folder beside its place and renamed into it whole, so an interrupted or concurrent export never leaves
+half an entry. `read_entry` checks every file's sha256 before use; the caller then checks the runtime's outputs
+against the module's (`clisc.runtime.forwards`), so a cached file is never trusted on its name alone.
 """
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import shutil
@@ -25,7 +27,7 @@ from ..models.cache import clisc_home, file_sha256
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 1  # bump when what an export writes changes: older entries are then never read
+EXPORT_FORMAT = 2  # bump when what an export writes changes: older entries are then never read
 ENTRY_FILE = "entry.json"
 
 
@@ -42,10 +44,26 @@ def weights_sha256(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def code_sha256(module: torch.nn.Module) -> str:
+    """sha256 of the source files of every class ``module`` is built of (itself and its submodules), in path
+    order: an export, and the probe outputs kept with it, are of that code as much as of the weights."""
+    digest = hashlib.sha256()
+    for path in sorted({_source_file(type(part)) for part in module.modules()} - {None}):
+        digest.update(path.encode() + Path(path).read_bytes())
+    return digest.hexdigest()
+
+
+def _source_file(cls: type) -> Optional[str]:
+    try:
+        return inspect.getsourcefile(cls)
+    except TypeError:  # a class defined in C
+        return None
+
+
 def entry_folder(name: str, module: torch.nn.Module, input_shape: Sequence[int], runtime: str, version: str) -> Path:
     """Where the export of ``module`` for ``runtime`` (at ``version``) and inputs of ``input_shape`` lives."""
-    key = json.dumps([type(module).__module__, type(module).__qualname__, weights_sha256(module), list(input_shape),
-                      runtime, version, torch.__version__, EXPORT_FORMAT])
+    key = json.dumps([type(module).__module__, type(module).__qualname__, weights_sha256(module), code_sha256(module),
+                      list(input_shape), runtime, version, torch.__version__, EXPORT_FORMAT])
     return runtimes_dir() / f"{name}-{runtime}-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
 
 

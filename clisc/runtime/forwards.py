@@ -11,8 +11,9 @@ Precision: PyTorch runs under autocast to ``dtype``; OpenVINO runs with ``dtype`
 are float32 only, so it runs float32 whatever ``dtype`` says.
 
 Before use, an exported model's outputs on a probe input are compared with the module's own float32 outputs in
-PyTorch (one forward of each, once per `module_forward`): past `TOLERANCE` the runtime is not used and the
-forward runs in PyTorch (logged, and said in `describe`).
+PyTorch (once per `module_forward`; PyTorch's are computed at the export and kept in the entry, so a later run
+makes one forward in the runtime only): past `TOLERANCE` the runtime is not used and the forward runs in PyTorch
+(logged, and said in `describe`).
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ PACKAGES = {"openvino": ("openvino",), "onnxruntime": ("onnxruntime", "onnx")}  
 TOLERANCE = {None: 1e-3, torch.bfloat16: 0.1, torch.float16: 0.1}
 
 Outputs = tuple  # of float32 CPU tensors (B, ...), one per output of the module
+PROBE_FILE = "probe.npz"  # in an entry: the probe input and the module's float32 outputs on it
 
 
 def installed(runtime: str) -> bool:
@@ -125,16 +127,16 @@ def module_forward(module: torch.nn.Module, example: torch.Tensor, runtime: str,
             logger.info("exporting %s for %s %s (once; cached in %s)", name, chosen, version, folder)
             export = _export_openvino if chosen == "openvino" else _export_onnx
             with torch.no_grad():
-                record = export_entry(folder, lambda out: export(module, example, out))
+                record = export_entry(folder, lambda out: (export(module, example, out),
+                                                           _save_probe(module, example, out / PROBE_FILE)))
         run_one = (_load_openvino if chosen == "openvino" else _load_onnxruntime)(folder, dtype)
         outputs = run_one(example.numpy())
     except Exception as problem:  # noqa: BLE001 - a model the runtime cannot take still runs, in PyTorch
         logger.warning("%s cannot run %s (%s: %s): running it in PyTorch", chosen, name, type(problem).__name__,
                        str(problem)[:300])
         return TorchForward(module, device, dtype, note=f"{chosen} could not run it: {str(problem)[:200]}")
-    with torch.no_grad():
-        expected = _as_tuple(module(example))
-    error = max(_relative_error(got, want.float().numpy()) for got, want in zip(outputs, expected))
+    expected = _probe_outputs(folder / PROBE_FILE, module, example)
+    error = max(_relative_error(got, want) for got, want in zip(outputs, expected))
     precision = "float32" if chosen == "onnxruntime" or dtype is None else str(dtype).replace("torch.", "")
     details = {"version": version, "precision": precision, "exported_now": exported_now,
                "export_seconds": record["export_seconds"], "probe_relative_error": float(f"{error:.3g}")}
@@ -142,6 +144,22 @@ def module_forward(module: torch.nn.Module, example: torch.Tensor, runtime: str,
         logger.warning("%s in %s differs from PyTorch by %.3g on its probe: running it in PyTorch", name, chosen, error)
         return TorchForward(module, device, dtype, note=f"{chosen} disagreed with torch on the probe ({error:.3g})")
     return ExportedForward(chosen, run_one, details)
+
+
+def _save_probe(module: torch.nn.Module, example: torch.Tensor, path) -> None:
+    """Keep the probe input and the module's float32 outputs on it (``output_0``, ``output_1``, ...)."""
+    outputs = [o.float().numpy() for o in _as_tuple(module(example))]
+    np.savez(path, input=example.numpy(), **{f"output_{n}": o for n, o in enumerate(outputs)})
+
+
+def _probe_outputs(path, module: torch.nn.Module, example: torch.Tensor) -> List[np.ndarray]:
+    """The module's float32 outputs on ``example``: those kept in the entry when it was made for this same probe,
+    else (another probe) one PyTorch forward."""
+    with np.load(path) as kept:
+        if np.array_equal(kept["input"], example.numpy()):
+            return [kept[f"output_{n}"] for n in range(len(kept.files) - 1)]
+    with torch.no_grad():
+        return [o.float().numpy() for o in _as_tuple(module(example))]
 
 
 def _as_tuple(outputs) -> Sequence[torch.Tensor]:

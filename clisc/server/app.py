@@ -24,7 +24,6 @@ The engine work is the same as the CLI's and Slicer's: `ZeroShotSegmenter`, `app
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import tempfile
 from dataclasses import asdict, replace
@@ -214,10 +213,7 @@ def _routes() -> APIRouter:
         def work(device, progress, cancel):
             segmenter, cache = s.registry.refinement_sam(sam, device)
             refiner = session.refiner(segmenter, axis, cache)
-            # Refiner.propagate takes progress= and cancel= once helper "seed"'s change lands; until then it runs on
-            takes = inspect.signature(refiner.propagate).parameters
-            reporting = {"progress": progress, "cancel": cancel} if "cancel" in takes else {}
-            result = refiner.propagate(mask, body.index, body.direction, **reporting)
+            result = refiner.propagate(mask, body.index, body.direction, progress=progress, cancel=cancel)
             return {"json": {"axis": result.axis, "start": result.start, "message": result.message,
                              "reports": {name: asdict(report) for name, report in result.reports.items()},
                              "changed_slices": result.changed_slices,

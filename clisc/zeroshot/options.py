@@ -18,6 +18,7 @@ from ..volume import Volume, slice_axis  # slice_axis: part of this module's API
 logger = logging.getLogger(__name__)
 
 MAX_PROMPT_CHARACTERS = 300  # CLIP reads at most 77 tokens; longer text is a mistake, not a prompt
+MODES = ("every-slice", "seeded")  # a saliency map on every selected slice, or on seeds only (`zeroshot.seeded`)
 
 
 @dataclass
@@ -47,6 +48,9 @@ class SegmentOptions:
     sam_precision: str = "float32"
     sam_batch_size: int = 2
     seed: int = 0
+    mode: str = "every-slice"               # every-slice | seeded (`clisc.zeroshot.seeded`: where the profile allows)
+    seed_spacing: int = 20                  # seeded: one seed per this many slices of a gated run (at least one)
+    propagation_margin: int = 10            # seeded: slices propagation may go past each end of a gated run
     runtime: str = "auto"                   # auto | torch | openvino | onnxruntime: CPU runtime of CLIP's image
                                             # tower and LiteMedSAM's encoder (`clisc.runtime`)
 
@@ -57,10 +61,11 @@ PRESETS = {
     "accurate": {"saliency": "m2ib", "saliency_options": {"steps": 10, "samples": 10}},
     # A laptop CPU: the same M2IB, with CLIP and the SAM encoder under bf16 autocast (LiteMedSAM's encoder 1.6-1.9x
     # faster on 2 cores; its masks differ from float32 ones by a median of 18 pixels per slice, at equal Dice),
-    # and LiteMedSAM, the medical SAM that ships with CLISC (75 GFLOP per slice against vit_b's 972). The
-    # README's "Accuracy and speed" has the measurements.
+    # and LiteMedSAM, the medical SAM that ships with CLISC (75 GFLOP per slice against vit_b's 972); M2IB on a
+    # few seed slices only, SAM propagation between them (`clisc.zeroshot.seeded`; as accurate as every slice
+    # on the BraTS oracle benchmark). The README's "Accuracy and speed" has the measurements.
     "fast": {"saliency": "m2ib", "saliency_options": {"steps": 10, "samples": 10}, "sam": "litemedsam",
-             "clip_precision": "bfloat16", "sam_precision": "bfloat16"},
+             "clip_precision": "bfloat16", "sam_precision": "bfloat16", "mode": "seeded"},
 }
 
 
@@ -122,6 +127,10 @@ def check_options(volume: Volume, options: SegmentOptions) -> int:
                          f"{options.relevance_smoothing}: use a threshold in [0, 1] and at least 1 slice")
     _check_contrast(volume, axis, options.slices)
     with_overrides(PROFILES["organ"], **profile_overrides(options))
+    if options.mode not in MODES or options.seed_spacing < 1 or options.propagation_margin < 0:
+        raise InputError(f"--mode {options.mode}, seed spacing {options.seed_spacing} and propagation margin "
+                         f"{options.propagation_margin}: use a mode of {', '.join(MODES)}, a spacing of at least 1 "
+                         "slice and a margin of 0 or more")
     if "beta" in options.saliency_options:
         raise InputError("give M2IB's beta as SegmentOptions.beta (--beta), not in saliency_options")
     return axis

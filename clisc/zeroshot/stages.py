@@ -6,7 +6,8 @@ Slices are the volume's planes along the slice axis, stacked first: (N, H, W), w
 1. `candidate_slices` and `select_slices`: which slices each prompt is segmented on (CLIP's relevance gate).
 2. `saliency_maps`: a saliency map per prompt and selected slice.
 3. `slice_prompts`: each map's coarse mask and the SAM prompt it gives.
-4. `sam_masks`: SAM's mask per prompt and prompted slice, every slice embedded once for all prompts.
+4. `sam_masks`: SAM's mask per prompt and prompted slice, every slice embedded once for all prompts (the
+   every-slice mode; the seeded mode's SAM stages are `seeded`'s).
 5. `keep_3d`: the stacked masks after the prompt's 3D component rule.
 """
 from __future__ import annotations
@@ -19,10 +20,11 @@ import torch
 from scipy.ndimage import uniform_filter1d
 
 from ..components import components_of_at_least, largest_components
+from ..embeddings import SliceEmbeddings
 from ..profiles import Profile, min_component_mm3
 from ..progress import CancelToken, ProgressCallback
 from ..prompts import SamPrompt, coarse_mask, sam_prompt
-from ..protocols import SaliencyMethod, SliceSam, SliceScorer
+from ..protocols import SaliencyMethod, SliceScorer
 from .options import slice_range
 
 SlicePrompts = Dict[int, Dict[int, SamPrompt]]  # slice index → prompt number → what SAM gets there
@@ -76,8 +78,13 @@ def select_slices(scorer: SliceScorer, images: Optional[torch.Tensor], texts: Se
     embeddings = scorer.image_embeddings(images)
     for n, text in enumerate(texts):
         relevance[n, candidates] = scorer.relevance(embeddings, text, negative)
-    smoothed = uniform_filter1d(relevance, size=smoothing, axis=1, mode="nearest")
-    return relevance, (smoothed >= threshold) & candidates
+    return relevance, (smoothed_relevance(relevance, smoothing) >= threshold) & candidates
+
+
+def smoothed_relevance(relevance: np.ndarray, smoothing: int) -> np.ndarray:
+    """Relevance (P, N) averaged over ``smoothing`` slices along the axis (edges repeated): what the gate
+    thresholds and the seeded mode's peak is taken from."""
+    return uniform_filter1d(relevance, size=smoothing, axis=-1, mode="nearest")
 
 
 def saliency_maps(saliency: SaliencyMethod, scorer: SliceScorer, images: Optional[torch.Tensor],
@@ -138,12 +145,12 @@ def slice_prompts(saliency: np.ndarray, selected: np.ndarray, profiles: Sequence
     return prompts
 
 
-def sam_masks(sam: SliceSam, slices: np.ndarray, prompts: SlicePrompts, count: int, progress: ProgressCallback,
+def sam_masks(embeddings: SliceEmbeddings, prompts: SlicePrompts, count: int, progress: ProgressCallback,
               cancel: CancelToken) -> np.ndarray:
-    """SAM's masks: each prompted slice embedded once (``sam.batch_size`` at a time), then decoded per prompt.
+    """SAM's masks: each prompted slice embedded once (``batch_size`` at a time), then decoded per prompt.
 
     Args:
-        slices: (N, H, W) uint8, given to SAM as RGB with three equal channels.
+        embeddings: the SAM (``embeddings.segmenter``) and the slices (N, H, W) uint8 it sees, with their cache.
         prompts: from `slice_prompts`.
         count: P, the number of prompts.
         progress: called with ("SAM", slices embedded, slices to embed, "") before each batch and at the end.
@@ -152,17 +159,18 @@ def sam_masks(sam: SliceSam, slices: np.ndarray, prompts: SlicePrompts, count: i
     Returns:
         (P, N, H, W) bool, empty on the slices without a prompt.
     """
-    masks = np.zeros((count,) + slices.shape, dtype=bool)
+    sam, shape = embeddings.segmenter, embeddings.slices.shape
+    masks = np.zeros((count,) + shape, dtype=bool)
     indices = sorted(prompts)
     step = sam.batch_size
     for start in range(0, len(indices), step):
         cancel.raise_if_cancelled()
         progress("SAM", start, len(indices), "")
         batch = indices[start:start + step]
-        embeddings = sam.embed(np.repeat(slices[batch][..., None], 3, axis=-1))
-        for embedding, index in zip(embeddings, batch):
+        embeddings.compute(batch)
+        for index in batch:
             for n, prompt in prompts[index].items():
-                masks[n, index] = sam.predict(embedding, slices.shape[1:], prompt)
+                masks[n, index] = sam.predict(embeddings[index], shape[1:], prompt)
     progress("SAM", len(indices), len(indices), "")
     return masks
 
