@@ -88,10 +88,11 @@ def components(mask: np.ndarray) -> list:
 
 
 def test_tumor_keeps_one_lesion_and_lesion_keeps_both(two_lesions):
+    """The profiles' 3D rules, in the every-slice mode (the seeded mode's own tests are in test_seeded.py)."""
     volume, truth, cube = two_lesions
     results = {}
     for profile in ("tumor", "lesion"):
-        options = preset_options("fast", slices="all", profile=profile)
+        options = preset_options("fast", mode="every-slice", slices="all", profile=profile)
         results[profile] = oracle_segmenter(options, volume, truth, blur=1).segment(volume, ["lesion"])
     assert len(components(results["tumor"].masks[0])) == 1
     kept = results["lesion"].masks[0]
@@ -99,7 +100,7 @@ def test_tumor_keeps_one_lesion_and_lesion_keeps_both(two_lesions):
     report = results["lesion"].report["profiles"]["lesion"]
     assert report["profile"] == "lesion" and report["why"] == "chosen" and report["overridden_by_flags"] == {}
     # a size rule above the planted cube's 216 mm³ drops it
-    options = preset_options("fast", slices="all", profile="lesion", keep_3d="300")
+    options = preset_options("fast", mode="every-slice", slices="all", profile="lesion", keep_3d="300")
     large_only = oracle_segmenter(options, volume, truth, blur=1).segment(volume, ["lesion"])
     assert len(components(large_only.masks[0])) == 1 and not large_only.masks[0][cube].any()
     assert large_only.report["profiles"]["lesion"]["overridden_by_flags"] == {
@@ -109,12 +110,12 @@ def test_tumor_keeps_one_lesion_and_lesion_keeps_both(two_lesions):
 def test_a_paired_organ_gets_a_box_per_component(two_lesions):
     """Both blobs on the same slices: K = 2 with a box each keeps both; the organ profile keeps one."""
     volume, truth, cube = two_lesions
-    both = oracle_segmenter(preset_options("fast", slices="all"), volume, truth, blur=1).segment(
+    both = oracle_segmenter(preset_options("fast", mode="every-slice", slices="all"), volume, truth, blur=1).segment(
         volume, ["kidneys"])
     assert both.report["profiles"]["kidneys"]["profile"] == "paired-organ"
     boxes = [len(p["boxes"]) for p in both.report["sam_prompts"]["kidneys"].values()]
     assert max(boxes) == 2 and len(components(both.masks[0])) == 2
-    one = oracle_segmenter(preset_options("fast", slices="all"), volume, truth, blur=1).segment(
+    one = oracle_segmenter(preset_options("fast", mode="every-slice", slices="all"), volume, truth, blur=1).segment(
         volume, ["left kidney"])
     assert one.report["profiles"]["left kidney"]["profile"] == "organ" and len(components(one.masks[0])) == 1
 

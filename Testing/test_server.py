@@ -341,8 +341,9 @@ def test_cancel_ends_the_job_and_returns_nothing(client, served):
         if stage == "saliency":  # under way, with slices left to do
             token.cancel()
 
-    with pytest.raises(Cancelled):
-        session.segment(["tumor"], clip="tiny-clip", sam="tiny-sam", progress=progress, cancel=token, **RUN)
+    with pytest.raises(Cancelled):  # every slice gets a map: 8, so that the cancel comes with slices left
+        session.segment(["tumor"], clip="tiny-clip", sam="tiny-sam", progress=progress, cancel=token,
+                        **{**RUN, "mode": "every-slice"})
     status = job_state(client, session.jobs[-1])
     assert "saliency" in stages and status["state"] == "cancelled"
     assert status["progress"]["done"] < status["progress"]["total"]  # it stopped before its last slice

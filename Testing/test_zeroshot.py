@@ -99,7 +99,8 @@ class BoxSam:
 
 
 def oracle_segmenter(options, volume: Volume, truth: np.ndarray, blur: float = 2.0) -> ZeroShotSegmenter:
-    """The pipeline with the oracle saliency and the box-filling SAM (``options.slices`` not auto: no CLIP)."""
+    """The pipeline with the oracle saliency and the box-filling SAM (``options.slices`` not auto and the
+    every-slice mode: no CLIP; the seeded mode needs CLIP's relevance even then)."""
     return ZeroShotSegmenter(options, scorer=PixelScorer(), slice_sam=BoxSam(),
                              saliency=OracleSaliency(volume, options.axis, truth, blur))
 
@@ -122,7 +123,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 def test_oracle_prompts_land_on_the_tumour_slices_and_voxels_brats():
     volume = read_volume(shared_data("brats2015/pat0001/flair.nii.gz"))
     truth = read_volume(shared_data("brats2015/pat0001/label.nii.gz")).array > 0
-    options = preset_options("fast", slices="all", components=1)
+    options = preset_options("fast", mode="every-slice", slices="all", components=1)
     result = oracle_segmenter(options, volume, truth).segment(volume, ["brain tumor"])
     mask = result.masks[0]
     tumour_slices = np.flatnonzero(truth.any(axis=(1, 2)))
@@ -142,7 +143,7 @@ def test_oracle_on_the_ct_dicom_series_along_another_axis():
     mapped = np.rint(to_reference[:3, :3] @ np.stack([i, j, k]).reshape(3, -1) + to_reference[:3, 3:]).astype(int)
     labels = liver.array[mapped[2], mapped[1], mapped[0]].reshape(volume.array.shape)
     truth = labels == np.bincount(labels[labels > 0].ravel()).argmax()
-    options = preset_options("fast", slices="all", axis="coronal")
+    options = preset_options("fast", mode="every-slice", slices="all", axis="coronal")
     result = oracle_segmenter(options, volume, truth).segment(volume, ["largest organ"])
     axis = result.report["axis"]
     assert axis == 1
@@ -163,7 +164,7 @@ def test_oracle_mask_written_lands_on_the_planted_block(tmp_path, geometry, axis
 
     volume = read_volume(source)
     truth = volume.array > 250
-    result = oracle_segmenter(preset_options("fast", slices="all", axis=axis), volume, truth, blur=0).segment(
+    result = oracle_segmenter(preset_options("fast", mode="every-slice", slices="all", axis=axis), volume, truth, blur=0).segment(
         volume, ["block"])
     assert np.array_equal(result.masks[0], truth)  # a box is the block itself
     output = tmp_path / "block.seg.nrrd"
@@ -184,7 +185,7 @@ def brats_crop() -> Volume:
 
 @pytest.mark.parametrize("saliency, prompt_type", [("gradcam", "box"), ("gscorecam", "points"), ("m2ib", "both")])
 def test_end_to_end_with_tiny_real_models(tiny_models, saliency, prompt_type):
-    options = preset_options("fast", saliency=saliency, prompt_type=prompt_type, slices="all",
+    options = preset_options("fast", mode="every-slice", saliency=saliency, prompt_type=prompt_type, slices="all",
                              saliency_options={"steps": 2, "samples": 2} if saliency == "m2ib" else {})
     segmenter = ZeroShotSegmenter(options, *tiny_models)
     volume = brats_crop()
