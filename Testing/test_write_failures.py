@@ -33,8 +33,9 @@ def _limit_file_size() -> None:
 def run_limited(*args: str, **env: str) -> subprocess.CompletedProcess:
     """``python ARGS`` with the file-size limit, this folder importable."""
     path = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    # UTF-8 whatever the locale: in the full suite an earlier test leaves this process's preferred encoding ASCII
     return subprocess.run([sys.executable, *map(str, args)], preexec_fn=_limit_file_size, capture_output=True,
-                          text=True, env={**os.environ, "PYTHONPATH": path, **env})
+                          encoding="utf-8", errors="replace", env={**os.environ, "PYTHONPATH": path, **env})
 
 
 def noise(shape=(40, 50, 50)) -> np.ndarray:
@@ -87,7 +88,8 @@ def write_each(folder: str) -> None:
     clip = folder / "tiny_clip"
     entry = ModelEntry("tiny_clip", "clip", "tiny", tuple(
         RemoteFile(f"https://example.org/{name}", name, None, None, "test")
-        for name in ("open_clip_config.json", "open_clip_pytorch_model.bin")), "MIT", "", "")
+        for name in ("open_clip_config.json", "open_clip_pytorch_model.bin")), "MIT", "", "",
+        open_clip_config={"model_cfg": TINY_CLIP_CONFIG})
     cache.get_entry = lambda name: entry
     server = Server(files={"/model.bin": os.urandom(3 * LIMIT)})
     writers = {
@@ -170,6 +172,7 @@ def test_a_cohort_run_stops_at_a_failed_write_instead_of_skipping_every_case(tmp
         raise write_failed(folder / "image.npy", "No space left on device")
 
     monkeypatch.setattr(clisc.cohort.run, "store_case", full_disk)
+    monkeypatch.setattr(clisc.cohort.run, "check_models", lambda *args: None)  # the models are never loaded
     options = CohortOptions(clip=str(tmp_path), sam=str(tmp_path / "sam.pth"), classifier_weights=None, device="cpu")
     with pytest.raises(WriteError, match=r"a/image.npy: could not be written \(No space left on device\)"):
         run_cohort(images, "brain tumor", tmp_path / "run", options)
