@@ -388,8 +388,9 @@ def test_a_stop_message_never_prints_a_value_that_reads_as_the_threshold(value, 
 # ---- the real LiteMedSAM on a BraTS slice range -------------------------------------------------------------------
 
 # Measured with this test's oracles (binary relevance, ground truth blurred by σ 4 px as the seeds' saliency): Dice
-# MEASURED on pat0001's slices 45..84; the floor leaves a margin for other CPUs' bf16 arithmetic.
-SEEDED_DICE_FLOOR = 0.0
+# 0.656 on pat0001's slices 45..84 (seed 10's propagation stops at slice 20 on the IoU rule, 0.49 < 0.5, and seed
+# 30 starts afresh down to it); the floor leaves a margin for other CPUs' bf16 arithmetic.
+SEEDED_DICE_FLOOR = 0.6
 
 
 @pytest.fixture(scope="module")
