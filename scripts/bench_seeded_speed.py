@@ -137,7 +137,7 @@ def unit_flops(clip_folder: Path, volume: Volume, m2ib: dict) -> dict:
     sam = SliceSegmenter(load_sam("litemedsam"), torch.bfloat16)
     slice_rgb = np.repeat(percentile_window_uint8(volume.array)[middle:middle + 1, ..., None], 3, axis=-1)
     embedding = sam.embed(slice_rgb)[0]
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: M2IB trains on the tokens this pass keeps
         relevance = flops(lambda: scorer.image_embeddings(image))  # keeps the tokens M2IB starts from, as a run
     return {"clip_image_tower": relevance, "m2ib_map": flops(lambda: saliency(image, text, 2.0)),
             "sam_encoder": flops(lambda: sam.embed(slice_rgb)),
