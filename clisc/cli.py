@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     segment.add_argument("--saliency", choices=["m2ib", "gscorecam", "gradcam"],
                          help="the saliency method (default the preset's, m2ib); gradcam is the quick one (one forward "
                               "and backward pass, the weakest maps), gscorecam the slowest (300 masked passes, about "
-                              "6x M2IB's work)")
+                              "12-18x M2IB's time on a CPU)")
     segment.add_argument("--profile", default="auto", metavar="auto|" + "|".join(PROFILES),
                          help="the target's method settings: " + "; ".join(f"{p.name}: {p.description}"
                                                                            for p in PROFILES.values())
