@@ -136,26 +136,26 @@ def propagate_seeds(propagator: Propagator, starts: Dict[int, Tuple[np.ndarray, 
         propagator.advance(front, last, reason, lambda index, prediction: write(index, seed, prediction.mask), visit)
 
     def chain(anchor: int, direction: str, ahead: List[int], end: int) -> None:
-        step = 1 if direction == "up" else -1
+        step, back = (1, "down") if direction == "up" else (-1, "up")
         front, source = go(anchor, direction), anchor
         for seed in ahead:
             advance(front, source, seed, f"reached seed {seed}")
             if front.position == seed:  # the propagation reached the seed: the seed takes over if they agree
                 score = agreement(front.previous, starts[seed][0])
-                checks[str(seed)] = {"reached_from": source, "agreement": round(score, 4), "took_over": score >= AGREEMENT}
-                if score < AGREEMENT:
+                took_over = score >= AGREEMENT
+                checks[str(seed)] = {"reached_from": source, "agreement": round(score, 4), "took_over": took_over}
+                if not took_over:
                     front.report.reason = f"kept its mask on seed {seed}'s slice (agreement {score:.2f} < {AGREEMENT})"
                     continue
-                write(seed, seed, starts[seed][0])
                 front.report.reason = f"handed over to seed {seed} (agreement {score:.2f})"
                 middle = (source + seed) // 2 if step > 0 else (source + seed + 1) // 2
-                advance(go(seed, "down" if step > 0 else "up"), seed, middle + step,
-                        f"reached slice {middle + step}, the midpoint with seed {source}")
+                back_to, why = middle + step, f"reached slice {middle + step}, the midpoint with seed {source}"
             else:  # it stopped short: the seed starts afresh, back to where it stopped, and on
-                write(seed, seed, starts[seed][0])
                 checks[str(seed)] = {"reached_from": None, "agreement": None, "took_over": True}
-                advance(go(seed, "down" if step > 0 else "up"), seed, front.position + step,
-                        f"met seed {source}'s propagation, which stopped at slice {front.report.stopped_at}")
+                back_to, why = front.position + step, (f"met seed {source}'s propagation, which stopped at slice "
+                                                       f"{front.report.stopped_at}")
+            write(seed, seed, starts[seed][0])
+            advance(go(seed, back), seed, back_to, why)
             front, source = go(seed, direction), seed
         advance(front, source, end, f"reached the bound (the gate's run {'+' if step > 0 else '-'} margin) at slice "
                                     f"{end}")

@@ -32,14 +32,14 @@ SlicePrompts = Dict[int, Dict[int, SamPrompt]]  # slice index → prompt number 
 
 def percentile_window_uint8(array: np.ndarray) -> np.ndarray:
     """``array`` as uint8 (same shape): NaN and Inf replaced, the 0.5 and 99.5 percentiles of its non-zero finite
-    values mapped to 0 and 255, clipped outside (those of every finite value when the non-zero ones are all one
-    value). All zeros when no value is finite and non-zero."""
+    values mapped to 0 and 255, clipped outside (those of every finite value when the two coincide, as in a binary
+    image). All zeros when no value is finite and non-zero."""
     finite = np.isfinite(array)
     values = array[finite & (array != 0)]
     if values.size == 0:
         return np.zeros(array.shape, dtype=np.uint8)
     low, high = np.percentile(values, [0.5, 99.5])
-    if high - low < 1e-6:  # one non-zero value (a binary image): the window of every finite value keeps its contrast
+    if high - low < 1e-6:  # no window among the non-zero values (a binary image): every finite value's keeps contrast
         low, high = np.percentile(array[finite], [0.5, 99.5])
     clean = np.where(finite, array, low).astype(np.float32)
     scaled = (clean - low) / max(high - low, 1e-6)
