@@ -34,7 +34,7 @@ def small_mri(tmp_path):
 
 
 def test_clisc_help_lists_the_commands():
-    run = subprocess.run([sys.executable, "-m", "clisc.cli", "--help"], capture_output=True, text=True)
+    run = subprocess.run([sys.executable, "-m", "clisc.cli", "--help"], capture_output=True, encoding="utf-8", errors="replace")
     assert run.returncode == 0
     for command in ("segment", "train", "apply", "models"):
         assert command in run.stdout

@@ -44,7 +44,7 @@ def interpreter(version: str) -> str:
 
 
 def run(python: Path, *args: str, env: dict | None = None, check: bool = True, timeout: int = 1800):
-    result = subprocess.run([str(python), *args], capture_output=True, text=True, timeout=timeout,
+    result = subprocess.run([str(python), *args], capture_output=True, encoding="utf-8", errors="replace", timeout=timeout,
                             env={**os.environ, **(env or {})}, cwd=REPO)
     if check:
         assert result.returncode == 0, f"{' '.join(args)[:200]}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"

@@ -159,6 +159,9 @@ def test_list_files_give_the_column_their_header_names_or_the_first(tmp_path):
     assert read_case_list(tmp_path / "b.csv") == ["pat1", "pat2"]
     assert read_case_list(tmp_path / "c.txt") == ["pat1", "pat2"]
     assert read_list_column(tmp_path / "d.csv", ("image", "path")) == ["scans/a.nii.gz"]
+    # as Excel's "CSV UTF-8" saves it: a byte order mark before the header, and a path that is not ASCII
+    (tmp_path / "f.csv").write_bytes("\ufeffimage\nscans/Müller/t1.nii.gz\n".encode("utf-8"))
+    assert read_list_column(tmp_path / "f.csv", ("image", "path")) == ["scans/Müller/t1.nii.gz"]
     (tmp_path / "e.csv").write_text("case_id\n")
     with pytest.raises(InputError, match="--holdout-split .*e.csv: lists no case id"):
         read_case_list(tmp_path / "e.csv", "--holdout-split")

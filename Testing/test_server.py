@@ -474,10 +474,10 @@ def test_clisc_serve_without_a_key_stays_on_localhost_and_serves_tls(tmp_path):
     env = {name: value for name, value in os.environ.items() if name != "CLISC_API_KEY"}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
     command = [sys.executable, "-m", "clisc", "serve", "--port", "0"]
-    refused = subprocess.run(command + ["--host", "0.0.0.0"], env=env, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(command + ["--host", "0.0.0.0"], env=env, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert refused.returncode == 2 and "without an API key" in refused.stderr
     short = subprocess.run(command + ["--host", "0.0.0.0"], env=dict(env, CLISC_API_KEY="short"),
-                           capture_output=True, text=True, timeout=300)
+                           capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert short.returncode == 2 and "at least 16" in short.stderr
 
     server = ServerProcess(["--ssl-certfile", certificate, "--ssl-keyfile", private_key], tmp_path / "server.log",

@@ -204,7 +204,7 @@ def test_a_slicer_without_torch_segments_refines_and_exports_through_the_server(
     script = tmp_path / "without_torch.py"
     script.write_text(WITHOUT_TORCH)
     run = subprocess.run([sys.executable, script, ROOT, served.url, KEY, tmp_path / "out.seg.nrrd"],
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                         capture_output=True, encoding="utf-8", errors="replace", timeout=600, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     said = json.loads(run.stdout.strip().splitlines()[-1])
     assert said["segmented"] > 0 and said["refined"] > 0 and said["undo"] is True and said["loaded"] == []

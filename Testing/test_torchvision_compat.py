@@ -31,13 +31,13 @@ SCRIPT = textwrap.dedent("""
 def test_import_in_a_fresh_process_warns_once_and_nms_works():
     """In this environment's torchvision build, whichever it is: the fallback only where the compiled operators do
     not load (then one warning), and nms gives the right boxes either way."""
-    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert run.returncode == 0, run.stderr
     mode, kept = run.stdout.split(maxsplit=1)
     assert kept.strip() == "[3, 2]"
     warnings = run.stderr.count("compiled operators do not load")
     assert warnings == (1 if mode == "fallback" else 0), run.stderr
-    native = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True)
+    native = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, encoding="utf-8", errors="replace")
     assert mode == ("compiled" if native.returncode == 0 else "fallback"), native.stderr[-500:]
 
 
@@ -64,7 +64,7 @@ def test_pure_torch_nms_matches_a_brute_force_reference():
 def _run(script: str, env: dict | None = None):
     import os
 
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, encoding="utf-8", errors="replace",
                           timeout=300, env={**os.environ, **(env or {})})
 
 
@@ -148,7 +148,7 @@ def test_a_users_own_script_imports_torchvision_and_open_clip_through_the_pth_fi
     assert run.returncode == 0, run.stderr[-3000:]
     mode, kept = run.stdout.split(maxsplit=1)
     assert kept.strip() == "[0, 2]"
-    native = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True)
+    native = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, encoding="utf-8", errors="replace")
     assert mode == ("compiled" if native.returncode == 0 else "fallback"), native.stderr[-500:]
     assert run.stderr.count("compiled operators do not load") == (1 if mode == "fallback" else 0), run.stderr
 

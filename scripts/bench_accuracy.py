@@ -646,8 +646,12 @@ def row_d(args: argparse.Namespace, folder: Path) -> dict:
     """`clisc train` on the 4 BraTS FLAIR volumes with ground-truth slice labels written first; scores of its
     CAM masks, pseudo-labels and final U-Net."""
     run = Path(args.run_dir) if args.run_dir else folder / "run"
-    if (run / "config.json").exists():
-        sys.exit(f"{run} holds a run already: give another --run-dir")
+    resume = (run / "config.json").exists()
+    if resume and not args.resume:
+        sys.exit(f"{run} holds a run already: give another --run-dir, or --resume to finish it")
+    if resume:  # the run's cohort, labels and CLIP lie in the folder it was started from: write them there again
+        folder = Path(json.loads((run / "config.json").read_text())["cohort"]).parent
+        folder.mkdir(parents=True, exist_ok=True)
     cases = brats_cases()
     paths = [DATA / "brats2015" / case.name / "flair.nii.gz" for case in cases]
     cohort, labels, split = folder / "cohort.csv", folder / "labels.csv", folder / "holdout.txt"
@@ -656,7 +660,7 @@ def row_d(args: argparse.Namespace, folder: Path) -> dict:
                                                   for c in cases))
     held_out = [name for name in args.holdout.split(",") if name]
     split.write_text("".join(f"{name}_flair\n" for name in held_out))
-    (run / "slice_labels").mkdir(parents=True)
+    (run / "slice_labels").mkdir(parents=True, exist_ok=resume)
     slice_counts = {}
     for case in cases:  # the only oracle: per pre-processed (cropped) axial slice, 1 where it holds tumour
         _, crop = preprocess(case.volume)
@@ -671,7 +675,7 @@ def row_d(args: argparse.Namespace, folder: Path) -> dict:
                "--classifier-image-size", str(args.classifier_image_size),
                "--unet-epochs", str(args.unet_epochs), "--patch-size", str(args.patch_size),
                "--s3f-rounds", str(args.s3f_rounds), "--sam-precision", args.precision, "--device", "cpu",
-               "--seed", str(args.seed), "--labels", str(labels)] + (["--holdout-split", str(split)] if held_out else [])
+               "--seed", str(args.seed), "--labels", str(labels)] + (["--holdout-split", str(split)] if held_out else []) + (["--resume"] if resume else [])
     print("  " + shlex.join(command), flush=True)
     started = time.perf_counter()
     with open(folder / "train.log", "w") as log:
@@ -761,6 +765,7 @@ def main() -> None:
     parser.add_argument("--patch-size", type=int, default=96, help="row d")
     parser.add_argument("--s3f-rounds", type=int, default=1, help="row d")
     parser.add_argument("--run-dir", help="row d: the run folder (default: a temporary one)")
+    parser.add_argument("--resume", action="store_true", help="row d: finish the interrupted run in --run-dir")
     parser.add_argument("--classifier", default="resnet50", help="row d: --classifier of clisc train")
     parser.add_argument("--classifier-weights", default="none",
                         help="row d: --classifier-weights of clisc train (none: random; imagenet: the backbone's)")

@@ -83,8 +83,9 @@ def read_case_list(path: Path, option: str = "--cases") -> list[str]:
 def read_list_column(path: Path, headers: tuple[str, ...]) -> list[str]:
     """The entries of a list file: a text file, one per line (``#`` starts a comment line), or a CSV: the
     column whose header (any case) is the first of ``headers`` present, else the first column of every row
-    (no header). Blank entries are left out; cells are stripped."""
-    with open(path, newline="") as handle:
+    (no header). Blank entries are left out; cells are stripped. Read as UTF-8 whatever the locale, with the byte
+    order mark that Excel's "CSV UTF-8" writes."""
+    with open(path, newline="", encoding="utf-8-sig") as handle:
         if path.suffix.lower() != ".csv":
             return [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
         rows = [[cell.strip() for cell in row] for row in csv.reader(handle)]

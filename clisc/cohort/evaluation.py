@@ -38,7 +38,7 @@ def label_paths(labels: str | Path, case_ids: Optional[list[str]] = None) -> dic
                     found[path.name[:-len(suffix)]] = path
         return found
     if labels.suffix.lower() == ".csv" and labels.is_file():
-        with open(labels, newline="") as file:
+        with open(labels, newline="", encoding="utf-8-sig") as file:
             rows = list(csv.DictReader(file))
         if not rows or not {"case_id", "label"} <= set(rows[0]):
             raise InputError(f"{labels}: a labels CSV needs the columns case_id and label")

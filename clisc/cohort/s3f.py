@@ -89,7 +89,7 @@ def write_table(rows: list[S3FRow], path: Path) -> None:
 
 
 def read_table(path: Path) -> list[S3FRow]:
-    with open(path, newline="") as file:
+    with open(path, newline="", encoding="utf-8") as file:
         return [S3FRow(int(row["rank"]) if row["rank"] else None, row["case_id"],
                        float(row["similarity"]) if row["similarity"] else None, row["kept"] == "1")
                 for row in csv.DictReader(file)]
