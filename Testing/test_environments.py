@@ -7,9 +7,10 @@
   before that, an old open_clip gets a clear message rather than a traceback.
 
 The environments are real venvs built with pip, so these tests take minutes and several GB the first time. The
-3.12 one is kept under $CLISC_TEST_VENVS (default ~/.cache/clisc-test-venvs) until pyproject.toml changes; the
-torch-keeping one is built afresh each run, since the install is what it tests. What they cannot show: other
-platforms (macOS, Windows), CUDA at run time (there is no GPU here), or Slicer's own Python build.
+3.12 one (about 6 GB) is kept under $CLISC_TEST_VENVS (default ~/.cache/clisc-test-venvs) until pyproject.toml
+changes, then replaced; the torch-keeping one is built afresh each run, since the install is what it tests. What
+they cannot show: other platforms (macOS, Windows), CUDA at run time (there is no GPU here), or Slicer's own Python
+build.
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ def newest_py312():
     folder = Path(os.environ.get("CLISC_TEST_VENVS", Path.home() / ".cache" / "clisc-test-venvs")) / f"py312-{key}"
     python = folder / "bin" / "python"
     if not (folder / "complete").is_file():
-        shutil.rmtree(folder, ignore_errors=True)
+        for stale in folder.parent.glob("py312-*"):  # 6 GB each (CUDA torch): one is kept, the current one
+            shutil.rmtree(stale, ignore_errors=True)
         new_venv(base, folder)
         run(python, *PIP, f"numpy=={SLICER_5_10_NUMPY}")
         # Slicer's numpy is Slicer's: its modules install with it pinned, as CLISCSegment does. Unpinned, pip
