@@ -178,7 +178,7 @@ def test_litemedsam_encoder_in_the_runtime_agrees_and_is_cached(runtime, clisc_h
 @pytest.mark.parametrize("runtime", EXPORTED)
 def test_clip_tower_in_the_runtime_agrees_and_keeps_the_same_tokens(runtime, clisc_home):
     clip = clip_model(tiny_clip())
-    x = images(2)
+    x = images(5)  # more samples than OpenVINO's parallel requests: each output must come back to its image
     reference = ClipScorer(clip, CPU)
     reference.kept_tokens.layer = 2
     scorer = ClipScorer(clip, CPU, runtime=runtime)
@@ -196,9 +196,9 @@ def test_a_runtime_that_disagrees_with_torch_is_not_used(runtime, clisc_home, mo
     loader = "_load_openvino" if runtime == "openvino" else "_load_onnxruntime"
     real = getattr(forwards, loader)
 
-    def off_by_a_percent(folder, dtype):
-        run_one = real(folder, dtype)
-        return lambda x: [y * 1.01 for y in run_one(x)]
+    def off_by_a_percent(folder, dtype, batched):
+        run_samples = real(folder, dtype, batched)
+        return lambda samples: [[y * 1.01 for y in outputs] for outputs in run_samples(samples)]
 
     monkeypatch.setattr(forwards, loader, off_by_a_percent)
     module = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GELU()).eval()
@@ -223,7 +223,8 @@ def test_a_later_run_checks_the_export_against_the_kept_probe_without_a_torch_fo
     assert other_probe.runtime == runtime and forwards_run == [1]
     loader = "_load_openvino" if runtime == "openvino" else "_load_onnxruntime"
     real = getattr(forwards, loader)
-    monkeypatch.setattr(forwards, loader, lambda folder, dtype: (lambda x: [y * 1.01 for y in real(folder, dtype)(x)]))
+    monkeypatch.setattr(forwards, loader, lambda folder, dtype, batched: (
+        lambda samples: [[y * 1.01 for y in outputs] for outputs in real(folder, dtype, batched)(samples)]))
     refused = module_forward(module, example, runtime, CPU, None, "conv")  # checked against the kept outputs
     assert refused.runtime == "torch" and "disagreed" in refused.describe()["note"]
 

@@ -84,7 +84,7 @@ class ClipScorer:
         if self._tower is None or self._tower[0] != layer:
             probe = torch.randn((1, *images.shape[1:]), generator=torch.Generator().manual_seed(0))
             tower = module_forward(TowerWithTokens(self.model, layer), probe, self.runtime, self.device,
-                                   self.autocast_dtype, "clip-tower")
+                                   self.autocast_dtype, "clip-tower", batched=True)
             self._tower = (layer, tower)
         self.kept_tokens.clear()
         outputs = []
