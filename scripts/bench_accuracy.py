@@ -675,7 +675,8 @@ def row_d(args: argparse.Namespace, folder: Path) -> dict:
                "--classifier-image-size", str(args.classifier_image_size),
                "--unet-epochs", str(args.unet_epochs), "--patch-size", str(args.patch_size),
                "--s3f-rounds", str(args.s3f_rounds), "--sam-precision", args.precision, "--device", "cpu",
-               "--seed", str(args.seed), "--labels", str(labels)] + (["--holdout-split", str(split)] if held_out else []) + (["--resume"] if resume else [])
+               "--seed", str(args.seed), "--labels", str(labels)]
+    command += (["--holdout-split", str(split)] if held_out else []) + (["--resume"] if resume else [])
     print("  " + shlex.join(command), flush=True)
     started = time.perf_counter()
     with open(folder / "train.log", "w") as log:

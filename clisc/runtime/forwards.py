@@ -209,6 +209,7 @@ def _load_openvino(folder, dtype: Optional[torch.dtype], batched: bool) -> RunSa
         "INFERENCE_NUM_THREADS": torch.get_num_threads()})
     if not batched:
         request = compiled.create_infer_request()
+        # the request lives with its model
         return lambda samples, compiled=compiled: [list(request.infer([x]).to_tuple()) for x in samples]
     queue = ov.AsyncInferQueue(compiled, compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
     results: dict = {}
