@@ -111,14 +111,14 @@ def test_without_the_runtime_auto_gives_the_torch_result_exactly(monkeypatch, cl
 
 def test_cache_key_follows_the_weights_the_runtime_version_and_the_shape(clisc_home):
     module = torch.nn.Conv2d(3, 4, 3)
-    folder = entry_folder("conv", module, (1, 3, 8, 8), "openvino", "1.0")
+    folder = entry_folder("conv", module, [(1, 3, 8, 8)], "openvino", "1.0")
     assert folder.parent == clisc_home / "runtimes"
-    assert entry_folder("conv", module, (1, 3, 8, 8), "openvino", "1.0") == folder
-    assert entry_folder("conv", module, (1, 3, 8, 8), "openvino", "1.1") != folder
-    assert entry_folder("conv", module, (1, 3, 16, 16), "openvino", "1.0") != folder
+    assert entry_folder("conv", module, [(1, 3, 8, 8)], "openvino", "1.0") == folder
+    assert entry_folder("conv", module, [(1, 3, 8, 8)], "openvino", "1.1") != folder
+    assert entry_folder("conv", module, [(1, 3, 16, 16)], "openvino", "1.0") != folder
     with torch.no_grad():
         module.weight[0, 0, 0, 0] += 1e-3
-    assert entry_folder("conv", module, (1, 3, 8, 8), "openvino", "1.0") != folder
+    assert entry_folder("conv", module, [(1, 3, 8, 8)], "openvino", "1.0") != folder
 
 
 def test_cache_key_follows_the_code_of_the_module(clisc_home, tmp_path, monkeypatch):
@@ -131,9 +131,9 @@ def test_cache_key_follows_the_code_of_the_module(clisc_home, tmp_path, monkeypa
                       "        return 2 * super().forward(x)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     module = importlib.import_module("probe_module").Doubled(3, 4, 3)
-    folder = entry_folder("conv", module, (1, 3, 8, 8), "openvino", "1.0")
+    folder = entry_folder("conv", module, [(1, 3, 8, 8)], "openvino", "1.0")
     source.write_text(source.read_text().replace("2 *", "3 *"))
-    assert entry_folder("conv", module, (1, 3, 8, 8), "openvino", "1.0") != folder
+    assert entry_folder("conv", module, [(1, 3, 8, 8)], "openvino", "1.0") != folder
 
 
 def test_an_entry_is_whole_or_absent_and_checked_before_use(clisc_home):
@@ -173,6 +173,26 @@ def test_litemedsam_encoder_in_the_runtime_agrees_and_is_cached(runtime, clisc_h
     again = SliceSegmenter(sam, runtime=runtime)
     assert torch.equal(again.embed(batch), embeddings)
     assert not again.encoder_runtime()["exported_now"]  # read from the cache
+
+
+@pytest.mark.parametrize("runtime", EXPORTED)
+def test_litemedsam_box_decoder_in_the_runtime_agrees_with_and_without_a_mask_input(runtime, clisc_home):
+    """A propagation step (a box and the previous slice's logits) and a seed (a box alone) through the exported
+    prompt encoder and mask decoder give PyTorch's logits, IoU and mask; a point prompt stays in PyTorch."""
+    sam = tiny_litemedsam()
+    batch = slices(1)
+    reference, segmenter = SliceSegmenter(sam), SliceSegmenter(sam, runtime=runtime)
+    embedding = reference.embed(batch)[0]
+    box, shape = np.array([35.0, 15.0, 85.0, 65.0]), batch.shape[1:3]
+    assert segmenter.predict_logits(embedding, shape, points=np.array([[60.0, 40.0]]), labels=np.array([1])).mask.any()
+    assert segmenter.decoder_runtime() is None
+    previous = reference.predict_logits(embedding, shape, box=box).low_res_logits
+    for mask_input in (None, previous, -previous):
+        want = reference.predict_logits(embedding, shape, box=box, mask_input=mask_input)
+        got = segmenter.predict_logits(embedding, shape, box=box, mask_input=mask_input)
+        assert (got.low_res_logits - want.low_res_logits).abs().max() <= 1e-4 * want.low_res_logits.abs().max()
+        assert abs(got.iou - want.iou) <= 1e-5 and np.array_equal(got.mask, want.mask)
+    assert segmenter.decoder_runtime()["runtime"] == runtime
 
 
 @pytest.mark.parametrize("runtime", EXPORTED)

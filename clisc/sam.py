@@ -5,7 +5,8 @@ SAM and MedSAM take the longest side resized to 1024 px, RGB 0..255 normalised b
 padding; LiteMedSAM takes the longest side resized to 256 px, the slice min-max scaled to [0, 1], zero padding.
 Mask logits go back to the slice grid and are thresholded. Unlike ``SamPredictor`` it embeds many slices
 per forward pass, without gradients, with the fused-attention encoder and, where asked, bf16/fp16 autocast;
-LiteMedSAM's encoder can run in another CPU runtime (`clisc.runtime`: OpenVINO, ONNX Runtime).
+LiteMedSAM's encoder, and its prompt encoder and mask decoder for a box prompt (`clisc.sam_box_decoder`), can
+run in another CPU runtime (`clisc.runtime`: OpenVINO, ONNX Runtime).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from .components import largest_components
 from .models.sam_builders import box_prompts_only, takes_min_max_input
 from .prompts import SamPrompt
 from .runtime import choose_runtime, module_forward
+from .sam_box_decoder import BoxPromptDecoder
 from .sam_speed import accelerate_image_encoder
 from .torchvision_compat import import_torchvision
 
@@ -53,8 +55,9 @@ class SliceSegmenter:
             SAM moves to the CPU. 1 when the encoder runs in an exported runtime, which takes one slice at a time
             (`clisc.runtime`): a larger batch would gain nothing there, and propagation would embed slices past
             its stop in vain.
-        runtime: where LiteMedSAM's image encoder runs on the CPU (`clisc.runtime.RUNTIMES`); SAM's ViT
-            encoders always run in PyTorch, with their fused CPU attention (`clisc.sam_speed`).
+        runtime: where LiteMedSAM's image encoder, and its decoder for a box with or without a mask input, run on
+            the CPU (`clisc.runtime.RUNTIMES`); SAM's ViT models always run in PyTorch, their encoders with the
+            fused CPU attention (`clisc.sam_speed`).
     """
 
     def __init__(self, sam, autocast_dtype: Optional[torch.dtype] = None, batch_size: int = 2,
@@ -71,9 +74,10 @@ class SliceSegmenter:
         self.min_max_input = takes_min_max_input(sam)
         self.box_prompts_only = box_prompts_only(sam)
         self.runtime = runtime if self.min_max_input else "torch"
-        if choose_runtime(self.runtime, self.device) != "torch":
+        self.exported = choose_runtime(self.runtime, self.device) != "torch"
+        if self.exported:
             self.batch_size = 1
-        self._encoder = None  # the encoder's forward in the runtime, built on first use
+        self._encoder = self._box_decoder = None  # their forwards in the runtime, built on first use
 
     def embed(self, images: np.ndarray) -> torch.Tensor:
         """Image embeddings (B, 256, 64, 64) float32 of RGB uint8 slices (B, H, W, 3), for every model here."""
@@ -107,6 +111,10 @@ class SliceSegmenter:
     def encoder_runtime(self) -> Optional[dict]:
         """What ran the image encoder (`clisc.runtime.forwards`), for the report; None before any slice."""
         return self._encoder.describe() if self._encoder is not None else None
+
+    def decoder_runtime(self) -> Optional[dict]:
+        """What ran the decoder for box prompts in the runtime, for the report; None where it has not run."""
+        return self._box_decoder.describe() if self._box_decoder is not None else None
 
     def _preprocess(self, image: np.ndarray) -> torch.Tensor:
         resized = torch.as_tensor(self.transform.apply_image(image)).permute(2, 0, 1).contiguous()
@@ -174,16 +182,29 @@ class SliceSegmenter:
         if mask_input is not None:
             mask_tensor = mask_input.to(self.device, torch.float)[None]
         with torch.inference_mode():
-            sparse, dense = sam.prompt_encoder(points=point_input, boxes=box_input, masks=mask_tensor)
-            low_res, iou = sam.mask_decoder(
-                image_embeddings=embedding[None].to(self.device), image_pe=sam.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)
+            if self.exported and point_input is None and box_input is not None and not multimask:
+                low_res, iou = self._decode_box(embedding, box_input, mask_tensor)
+            else:
+                sparse, dense = sam.prompt_encoder(points=point_input, boxes=box_input, masks=mask_tensor)
+                low_res, iou = sam.mask_decoder(
+                    image_embeddings=embedding[None].to(self.device), image_pe=sam.prompt_encoder.get_dense_pe(),
+                    sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=multimask)
             best = int(iou[0].argmax())
             low_res = low_res[:, best:best + 1]
             input_size = self.transform.get_preprocess_shape(*image_shape, self.transform.target_length)
             logits = sam.postprocess_masks(low_res, input_size, image_shape)
         mask = (logits[0, 0] > sam.mask_threshold).cpu().numpy()
         return SlicePrediction(mask, low_res[0].float().cpu(), float(iou[0, best]))
+
+    def _decode_box(self, embedding: torch.Tensor, box: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple:
+        """`BoxPromptDecoder` in the runtime: (1, 1, 256, 256) logits and (1, 1) IoU for a box (1, 4) in the
+        model's input pixels and a mask input (1, 1, 256, 256) or None."""
+        if self._box_decoder is None:
+            self._box_decoder = module_forward(BoxPromptDecoder(self.sam), BoxPromptDecoder.probe(), self.runtime,
+                                               self.device, None, "sam-box-decoder")
+        has_mask = torch.ones(1) if mask is not None else torch.zeros(1)
+        mask = mask if mask is not None else torch.zeros(1, 1, *self.sam.prompt_encoder.mask_input_size)
+        return self._box_decoder(embedding[None], box, mask, has_mask)
 
     def mask_to_logits(self, mask: np.ndarray, magnitude: float = 8.0) -> torch.Tensor:
         """(1, 256, 256) (4 × the embedding grid) mask input from a slice mask (H, W) bool that SAM did not draw

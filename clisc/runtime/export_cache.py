@@ -2,7 +2,7 @@
 
 An entry is a folder named by everything its files depend on: the sha256 of the module's weights (its state dict,
 in order), the module's class and the source files of every class it is built of (`code_sha256`), the input
-shape, the runtime and its version, torch's version and `EXPORT_FORMAT`. It holds the runtime's model files, the
+shapes, the runtime and its version, torch's version and `EXPORT_FORMAT`. It holds the runtime's model files, the
 module's own float32 outputs on the probe input (``probe.npz``, so that a later run checks the runtime without a
 PyTorch forward) and ``entry.json`` (each file's sha256 and the export's seconds). An entry is written in a
 temporary folder beside its place and renamed into it whole, so an interrupted or concurrent export never leaves
@@ -27,7 +27,7 @@ from ..models.cache import clisc_home, file_sha256
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMAT = 2  # bump when what an export writes changes: older entries are then never read
+EXPORT_FORMAT = 3  # bump when what an export writes changes: older entries are then never read
 ENTRY_FILE = "entry.json"
 
 
@@ -60,10 +60,11 @@ def _source_file(cls: type) -> Optional[str]:
         return None
 
 
-def entry_folder(name: str, module: torch.nn.Module, input_shape: Sequence[int], runtime: str, version: str) -> Path:
-    """Where the export of ``module`` for ``runtime`` (at ``version``) and inputs of ``input_shape`` lives."""
+def entry_folder(name: str, module: torch.nn.Module, input_shapes: Sequence[Sequence[int]], runtime: str,
+                 version: str) -> Path:
+    """Where the export of ``module`` for ``runtime`` (at ``version``) and inputs of ``input_shapes`` lives."""
     key = json.dumps([type(module).__module__, type(module).__qualname__, weights_sha256(module), code_sha256(module),
-                      list(input_shape), runtime, version, torch.__version__, EXPORT_FORMAT])
+                      [list(shape) for shape in input_shapes], runtime, version, torch.__version__, EXPORT_FORMAT])
     return runtimes_dir() / f"{name}-{runtime}-{hashlib.sha256(key.encode()).hexdigest()[:20]}"
 
 

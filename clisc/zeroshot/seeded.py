@@ -14,7 +14,7 @@ Per prompt whose profile keeps one target (`uses_seeds`):
    and propagates back to the midpoint and on; where they do not, the seed's map pointed elsewhere and the
    propagation carries on through. Where a propagation stops short of the next seed, that seed starts afresh:
    back to where the other stopped, and on. A slice is embedded once; only the slices between a seed that takes
-   over and the midpoint are predicted twice (SAM's decoder only, a few ms each).
+   over and the midpoint are predicted twice (SAM's prompt encoder and mask decoder only).
 """
 from __future__ import annotations
 

@@ -165,10 +165,11 @@ class ZeroShotSegmenter:
                 "threshold": self.options.relevance_threshold, "smoothing_slices": self.options.relevance_smoothing}
 
     def runtimes(self) -> dict:
-        """What ran CLIP's image tower and SAM's image encoder (`clisc.runtime`), with an export's first-run
-        seconds; absent for a stage that did not run."""
+        """What ran CLIP's image tower, SAM's image encoder and its decoder for box prompts (`clisc.runtime`),
+        with an export's first-run seconds; absent for a stage that did not run there."""
         ran = {"clip_tower": getattr(self.scorer, "tower_runtime", lambda: None)(),
-               "sam_encoder": getattr(self.sam, "encoder_runtime", lambda: None)()}
+               "sam_encoder": getattr(self.sam, "encoder_runtime", lambda: None)(),
+               "sam_decoder": getattr(self.sam, "decoder_runtime", lambda: None)()}
         return {k: v for k, v in ran.items() if v is not None}
 
     def deviations(self, profiles: Sequence[Profile], seeded: bool) -> List[str]:
